@@ -1,0 +1,274 @@
+"""One class-conditional DiT that runs any layout: the all-dense DiT and every FlexDiT.
+
+Structure and parameter names follow facebookresearch/DiT's models.py, so the all-dense layout is
+the original DiT and its checkpoints load as they are.
+"""
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn as nn
+
+from flexdit.errors import FlexDiTError
+from flexdit.models.layout import Layout
+from flexdit.nn.blocks import GEN, RECOVER, Block, FinalLayer
+from flexdit.nn.density import Grid, pool_tokens, upsample_tokens
+from flexdit.nn.embed import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
+from flexdit.schedule import Density, DensitySchedule, density_from_dict
+
+# Standard sizes: depth, hidden size, heads (DiT paper, Table 1).
+SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+PATCH_SIZES = (2, 4, 8)
+HEADS_BY_HIDDEN = {hidden: heads for _, hidden, heads in SIZES.values()}
+DEFAULT_DENSITY = DensitySchedule(0.61, 0.86)  # the paper's main setting at 256 and 512 px
+
+
+@dataclass
+class DiTConfig:
+    input_size: tuple[int, int] = (32, 32)  # latent (H, W)
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1  # > 0 adds the null class (row num_classes) for guidance
+    learn_sigma: bool = True
+    layout: tuple[str, ...] = field(default_factory=lambda: Layout.dense(28).kinds)
+    density: dict | None = None  # {"r_min", "r_max"} or {"grid": [h, w]}; required by sparse layouts
+    timestep_freq_shift: int = 0  # 0: original DiT; 1: diffusers' DiT port
+
+    def __post_init__(self):
+        if isinstance(self.input_size, int):
+            self.input_size = (self.input_size, self.input_size)
+        self.input_size = tuple(int(s) for s in self.input_size)
+        self.layout = Layout(tuple(self.layout)).kinds
+        if any(s % self.patch_size for s in self.input_size):
+            raise FlexDiTError(f"input size {self.input_size[0]}x{self.input_size[1]} is not divisible by "
+                               f"patch size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise FlexDiTError(f"hidden size {self.hidden_size} is not divisible by {self.num_heads} heads; "
+                               "pass the right num_heads")
+        if self.hidden_size % 4:
+            raise FlexDiTError(f"hidden size {self.hidden_size} must be divisible by 4 (2-D sin-cos positions)")
+        if self.num_classes < 1:
+            raise FlexDiTError(f"num_classes must be at least 1, got {self.num_classes}")
+        if self.density is not None:
+            density_from_dict(self.density)  # validates
+
+    @property
+    def depth(self) -> int:
+        return len(self.layout)
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    @property
+    def token_grid(self) -> Grid:
+        return (self.input_size[0] // self.patch_size, self.input_size[1] // self.patch_size)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_size"], d["layout"] = list(self.input_size), list(self.layout)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DiTConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise FlexDiTError(f"unknown model config keys {unknown}; the file was written by a newer flexdit?")
+        return cls(**d)
+
+
+class DiT(nn.Module):
+    """Diffusion transformer over a token grid, with any layout of dense, pooling and sparse blocks."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        D, p = config.hidden_size, config.patch_size
+        self.layout = Layout(config.layout)
+        self.in_channels, self.out_channels, self.patch_size = config.in_channels, config.out_channels, p
+        self.token_grid = config.token_grid
+        self.density: Density | None = density_from_dict(config.density)
+
+        self.x_embedder = PatchEmbed(p, config.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D, freq_shift=config.timestep_freq_shift)
+        self.y_embedder = LabelEmbedder(config.num_classes, D, config.class_dropout_prob)
+        # Fixed sin-cos positions; a persistent buffer under DiT's key so official files load as they are.
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(D, *self.token_grid)[None], persistent=True)
+        self.blocks = nn.ModuleList([Block(kind, D, config.num_heads, config.mlp_ratio) for kind in self.layout.kinds])
+        self.final_layer = FinalLayer(D, p, config.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's initialisation: adaLN-Zero (every block starts as identity), zero output layer."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            if block.merge is not None:
+                block.merge.reset_to_identity()
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    # --- description ------------------------------------------------------------------------------
+    @property
+    def is_flexdit(self) -> bool:
+        return not self.layout.is_dense
+
+    @property
+    def has_null_class(self) -> bool:
+        return self.y_embedder.has_null_class
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def with_density(self, density: Density | None) -> "DiT":
+        """Set the density used when forward() is not given a grid; returns self."""
+        self.density = density
+        self.config = replace(self.config, density=density.to_dict() if density else None)
+        return self
+
+    def grids_for(self, t: torch.Tensor) -> list[Grid]:
+        """The sparse grid each sample of the batch runs at, read from the density at its timestep."""
+        if self.density is None:
+            raise FlexDiTError("this FlexDiT has no density schedule; set one (--density R_MIN,R_MAX or "
+                               "--grid G, or model.with_density(...)) or pass grid= to forward")
+        return self.density.grids(t.detach().cpu(), self.token_grid)
+
+    def save(self, path: str) -> None:
+        """Write our format: safetensors with the JSON config in its metadata (atomically)."""
+        from flexdit.checkpoints import save_model
+
+        save_model(self, path)
+
+    # --- forward ------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, grid: Grid | None = None) -> torch.Tensor:
+        """x (B, C, H, W) latents, t (B,) integer timesteps 0..999, y (B,) class ids -> (B, out_channels, H, W).
+
+        A FlexDiT runs its SDTMs at `grid` if given, else at the density's grid for each sample's timestep;
+        samples whose timesteps need different grids run as separate groups.
+        """
+        self._check_inputs(x, t, y)
+        if not self.layout.has_sparse_tokens:
+            return self.forward_grid(x, t, y, None)
+        if grid is not None:
+            return self.forward_grid(x, t, y, tuple(grid))
+        grids = self.grids_for(t)
+        distinct = sorted(set(grids))
+        if len(distinct) == 1:
+            return self.forward_grid(x, t, y, distinct[0])
+        out = None
+        for g in distinct:
+            idx = torch.tensor([i for i, gi in enumerate(grids) if gi == g], device=x.device)
+            group_out = self.forward_grid(x[idx], t[idx], y[idx], g)
+            if out is None:
+                out = group_out.new_empty(x.shape[0], *group_out.shape[1:])
+            out[idx] = group_out
+        return out
+
+    def forward_grid(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, sparse_grid: Grid | None) -> torch.Tensor:
+        """The forward pass at one sparse grid (static shapes: compiles once per grid)."""
+        tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
+        c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+        dense_input = None  # the SDTM's dense input while tokens are sparse
+        for block in self.blocks:
+            if block.kind == GEN:
+                if dense_input is None:
+                    dense_input = tokens
+                    tokens = pool_tokens(tokens, self.token_grid, sparse_grid)  # (B, M, D)
+                tokens = block(tokens, c, context=dense_input)
+            elif block.kind == RECOVER:
+                merged = block.merge(upsample_tokens(tokens, sparse_grid, self.token_grid), dense_input)
+                tokens = block(merged, c, context=tokens)  # (B, N, D)
+                dense_input = None
+            else:
+                tokens = block(tokens, c)
+        return self.unpatchify(self.final_layer(tokens, c))
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, p * p * C) -> (B, C, H, W)."""
+        (h, w), p, c = self.token_grid, self.patch_size, self.out_channels
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                         guided_channels: int | None = 3, grid: Grid | None = None) -> torch.Tensor:
+        """Classifier-free guidance with the original DiT's calling convention.
+
+        x and y hold the conditional half then the unconditional half (y = null class); only the first
+        half of x is used. guided_channels=3 guides the first three channels as the original DiT does
+        "for exact reproducibility"; None guides all in_channels noise channels (the standard form).
+        Learned-variance channels are never guided.
+        """
+        if not self.has_null_class:
+            raise FlexDiTError("classifier-free guidance needs a model with a null class "
+                               "(class_dropout_prob > 0); use cfg scale 1")
+        if x.shape[0] % 2:
+            raise FlexDiTError(f"forward_with_cfg needs an even batch (conditional + unconditional halves), "
+                               f"got {x.shape[0]}")
+        half = x[: len(x) // 2]
+        model_out = self.forward(torch.cat([half, half], dim=0), t, y, grid=grid)
+        n = self.in_channels if guided_channels is None else guided_channels
+        eps, rest = model_out[:, :n], model_out[:, n:]
+        cond_eps, uncond_eps = eps.chunk(2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
+
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
+        expected = (self.in_channels, *self.config.input_size)
+        if x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            raise FlexDiTError(f"input of shape {tuple(x.shape)} does not fit the model; expected "
+                               f"(B, {expected[0]}, {expected[1]}, {expected[2]})")
+        if t.shape != (x.shape[0],) or y.shape != (x.shape[0],):
+            raise FlexDiTError(f"t and y must have shape ({x.shape[0]},), got {tuple(t.shape)} and {tuple(y.shape)}")
+        top = self.config.num_classes if self.has_null_class else self.config.num_classes - 1
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) > top):
+            raise FlexDiTError(f"class ids must lie in 0..{top}, got {int(y.min())}..{int(y.max())}")
+
+
+def parse_model_name(name: str) -> tuple[bool, str, int]:
+    """'DiT-XL/2' -> (False, 'XL', 2); 'FlexDiT-B/4' -> (True, 'B', 4)."""
+    family, _, rest = name.partition("-")
+    size, _, patch = rest.partition("/")
+    if family not in ("DiT", "FlexDiT") or size not in SIZES or not patch.isdigit() or int(patch) not in PATCH_SIZES:
+        names = ", ".join(f"{f}-{s}/{p}" for f in ("DiT", "FlexDiT") for s in SIZES for p in PATCH_SIZES)
+        raise FlexDiTError(f"unknown model {name!r}; choose one of {names}")
+    return family == "FlexDiT", size, int(patch)
+
+
+def model_config(name: str, input_size: int | tuple[int, int] = 32, layout: str | Layout | None = None,
+                 density: Density | None = None, **overrides) -> DiTConfig:
+    """Config of a standard size. FlexDiT-* names get the default layout of their depth and, unless given,
+    the paper's density r in [0.61, 0.86]; `layout` overrides either (e.g. 'dense', '2+4x1-3-1-1+2')."""
+    flex, size, patch = parse_model_name(name)
+    depth, hidden, heads = SIZES[size]
+    if layout is None:
+        layout = Layout.default_flexdit(depth) if flex else Layout.dense(depth)
+    elif isinstance(layout, str):
+        layout = Layout.parse(layout, depth)
+    if not layout.has_sparse_tokens:
+        density = None
+    elif density is None:
+        density = DEFAULT_DENSITY
+    config = dict(input_size=input_size, patch_size=patch, hidden_size=hidden, num_heads=heads,
+                  layout=layout.kinds, density=density.to_dict() if density else None)
+    config.update(overrides)
+    return DiTConfig(**config)
+
+
+def create_model(name: str, input_size: int | tuple[int, int] = 32, **kwargs) -> DiT:
+    """A randomly initialised standard model, e.g. create_model('FlexDiT-XL/2', input_size=32)."""
+    return DiT(model_config(name, input_size, **kwargs))

@@ -1,0 +1,1 @@
+"""Building blocks shared by every backbone: embeddings, token mixers, the adaLN-Zero block, density ops."""

@@ -1,0 +1,98 @@
+"""The adaLN-Zero block shell. Dense, Poolingformer, sparse-generation, sparse and recovery blocks
+are this one shell with a different token mixer (and, for recovery, a merge in front).
+"""
+import torch
+import torch.nn as nn
+
+from flexdit.nn.attention import CrossAttention, MeanPoolMixer, SelfAttention
+
+# Block kinds, in the order they appear inside a FlexDiT. One word each, used by layouts and configs.
+DENSE, POOL, GEN, SPARSE, RECOVER = "dense", "pool", "gen", "sparse", "recover"
+BLOCK_KINDS = (DENSE, POOL, GEN, SPARSE, RECOVER)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim, bias=True)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DenseMerge(nn.Module):
+    """Recovery merge: X_merged = Up(Xs) W1 + X W2. W1 = 0 and W2 = I at initialisation, so X_merged = X."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.sparse = nn.Linear(dim, dim, bias=True)  # W1, applied to the upsampled sparse tokens
+        self.dense = nn.Linear(dim, dim, bias=True)  # W2, applied to the SDTM's dense input
+        self.reset_to_identity()
+
+    def reset_to_identity(self) -> None:
+        nn.init.zeros_(self.sparse.weight)
+        nn.init.zeros_(self.sparse.bias)
+        nn.init.eye_(self.dense.weight)
+        nn.init.zeros_(self.dense.bias)
+
+    def forward(self, upsampled: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        return self.sparse(upsampled) + self.dense(dense)
+
+
+class Block(nn.Module):
+    """x + gate * mixer(modulate(norm1(x))), then x + gate * mlp(modulate(norm2(x))), conditioned on c (B, D).
+
+    With a cross-attention mixer the keys/values (`context`) pass through the same norm1 and modulation
+    as the queries, as in the FlexDiT authors' code.
+    """
+
+    def __init__(self, kind: str, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        if kind not in BLOCK_KINDS:
+            raise ValueError(f"unknown block kind {kind!r}; expected one of {', '.join(BLOCK_KINDS)}")
+        self.kind = kind
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        if kind == POOL:
+            self.attn = MeanPoolMixer(hidden_size)
+        elif kind in (GEN, RECOVER):
+            self.attn = CrossAttention(hidden_size, num_heads)
+        else:
+            self.attn = SelfAttention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.merge = DenseMerge(hidden_size) if kind == RECOVER else None
+
+    @property
+    def is_cross(self) -> bool:
+        return self.kind in (GEN, RECOVER)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        h = modulate(self.norm1(x), shift_msa, scale_msa)
+        if self.is_cross:
+            mixed = self.attn(h, modulate(self.norm1(context), shift_msa, scale_msa))
+        else:
+            mixed = self.attn(h)
+        x = x + gate_msa.unsqueeze(1) * mixed
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated norm and a linear map from tokens to p * p * out_channels patch values."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
