@@ -83,18 +83,26 @@ def load_checkpoint(path: str | os.PathLike, **overrides) -> LoadedCheckpoint:
 
     model = DiT(config)
     _load_weights(model, state, path)
-    model.eval()
-    loaded = LoadedCheckpoint(model, fmt, path, notes)
+    return retarget(LoadedCheckpoint(model.eval(), fmt, path, notes), layout, density)
+
+
+def retarget(loaded: LoadedCheckpoint, layout: Layout | str | None = None,
+             density: Density | None = None) -> LoadedCheckpoint:
+    """Give a loaded model another layout (a dense model becomes a FlexDiT) and/or another density."""
+    model = loaded.model
     if layout is not None:
         target = layout if isinstance(layout, Layout) else Layout.parse(str(layout), len(model.layout))
         if target.kinds != model.layout.kinds:
+            if not model.layout.is_dense:
+                raise FlexDiTError(f"the checkpoint is a FlexDiT with layout {model.layout}; it cannot take layout "
+                                   f"{target} (only a dense DiT converts to a new layout)")
             model, loaded.conversion = flexdit_from_dense(model, target, density)
             loaded.model = model.eval()
     if density is not None:
-        if not loaded.model.layout.has_sparse_tokens:
+        if not model.layout.has_sparse_tokens:
             raise FlexDiTError("a density or grid was given for a dense model; add layout='default' "
                                "(--layout default) to convert it to a FlexDiT")
-        loaded.model.with_density(density)
+        model.with_density(density)
     return loaded
 
 

@@ -1,0 +1,3 @@
+from flexdit.cli import main
+
+main()

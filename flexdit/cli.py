@@ -1,0 +1,190 @@
+"""The `flexdit` command: thin wrappers that parse, call the library and print (a table or --json)."""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from flexdit.checkpoints import dit_state_dict, load_checkpoint, retarget
+from flexdit.errors import FlexDiTError
+from flexdit.models.dit import DiT, create_model
+from flexdit.models.from_dense import ConversionReport
+from flexdit.schedule import NUM_TIMESTEPS, parse_density
+
+SUMMARY_TIMESTEPS = (0, 249, 500, 750, 999)
+
+
+# --- summaries ------------------------------------------------------------------------------------------
+def model_summary(model: DiT) -> dict:
+    c = model.config
+    summary = {
+        "kind": "FlexDiT" if model.is_flexdit else "DiT",
+        "input_size": list(c.input_size), "patch_size": c.patch_size, "tokens": model.token_grid[0] * model.token_grid[1],
+        "in_channels": c.in_channels, "hidden_size": c.hidden_size, "depth": c.depth, "num_heads": c.num_heads,
+        "num_classes": c.num_classes, "null_class": model.has_null_class, "learn_sigma": c.learn_sigma,
+        "layout": str(model.layout), "parameters": model.num_parameters(), "density": c.density,
+    }
+    if model.layout.has_sparse_tokens and model.density is not None:
+        summary["grids"] = {t: "x".join(map(str, model.density.grid(t, model.token_grid))) for t in SUMMARY_TIMESTEPS}
+    return summary
+
+
+def print_summary(summary: dict, conversion: ConversionReport | None = None) -> None:
+    rows = [
+        ("model", f"{summary['kind']}  hidden {summary['hidden_size']}, depth {summary['depth']}, "
+                  f"{summary['num_heads']} heads, patch {summary['patch_size']}"),
+        ("input", f"{summary['in_channels']} x {summary['input_size'][0]} x {summary['input_size'][1]} latent, "
+                  f"{summary['tokens']} tokens"),
+        ("classes", f"{summary['num_classes']}" + (" + null class (guidance)" if summary["null_class"] else "")),
+        ("layout", summary["layout"]),
+        ("parameters", f"{summary['parameters'] / 1e6:.2f} M"),
+    ]
+    if summary.get("density"):
+        rows.append(("density", ", ".join(f"{k}={v}" for k, v in summary["density"].items())))
+    if summary.get("grids"):
+        rows.append(("grid at t", ", ".join(f"{t}: {g}" for t, g in summary["grids"].items())))
+    if conversion is not None:
+        rows.append(("new params", ", ".join(conversion.new) or "none"))
+        rows.append(("unused", ", ".join(conversion.unused) or "none"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+
+
+# --- commands -----------------------------------------------------------------------------------------
+def _load_options(args) -> dict:
+    return dict(num_heads=args.num_heads, input_size=args.input_size, sparse_grid=args.sparse_grid,
+                weights=args.weights, timestep_freq_shift=args.timestep_freq_shift,
+                density=args.density, grid=args.grid)
+
+
+def cmd_info(args) -> None:
+    loaded = load_checkpoint(args.ckpt, **_load_options(args))
+    summary = {"path": args.ckpt, "format": loaded.format, "notes": loaded.notes, **model_summary(loaded.model)}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    print(f"{args.ckpt} ({loaded.format})")
+    print_summary(summary)
+    for note in loaded.notes:
+        print(f"  note: {note}")
+
+
+def cmd_convert(args) -> None:
+    options = _load_options(args)
+    density = options.pop("density"), options.pop("grid")
+    loaded = load_checkpoint(args.src, **options)
+    layout = args.layout or ("default" if loaded.model.layout.is_dense else None)
+    loaded = retarget(loaded, layout, parse_density(*density))
+    loaded.model.save(args.dst)
+    summary = {"source": args.src, "source_format": loaded.format, "output": args.dst,
+               "output_bytes": os.path.getsize(args.dst), "notes": loaded.notes, **model_summary(loaded.model)}
+    if loaded.conversion is not None:
+        summary["conversion"] = loaded.conversion.to_dict()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    what = "dense DiT -> FlexDiT" if loaded.conversion is not None else "format conversion"
+    print(f"{args.src} ({loaded.format}) -> {args.dst} ({what}, {summary['output_bytes'] / 2**20:.1f} MiB)")
+    print_summary(summary, loaded.conversion)
+    for note in loaded.notes:
+        print(f"  note: {note}")
+
+
+def _time_forward(model: DiT, t: int, repeats: int, seed: int) -> float:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, model.in_channels, *model.config.input_size, generator=g)
+    tt, y = torch.tensor([t]), torch.tensor([0])
+    times = []
+    with torch.inference_mode():
+        model(x, tt, y)  # warm-up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x, tt, y)
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def cmd_demo(args) -> None:
+    """Dense checkpoint in the original DiT layout -> FlexDiT, with the summary and a forward-pass timing."""
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    latent = args.image_size // 8
+    dense = create_model(args.model, input_size=latent).eval()
+    dense_path = out / "dense_dit.pt"
+    torch.save(dit_state_dict(dense), dense_path)
+    print(f"1. wrote a randomly initialised {args.model} ({args.image_size} px) in the original DiT key layout: "
+          f"{dense_path}")
+
+    flex_path = out / "flexdit.safetensors"
+    loaded = load_checkpoint(dense_path, layout="default", density=args.density)
+    loaded.model.save(flex_path)
+    print(f"2. converted it to a FlexDiT ({flex_path}):")
+    print_summary(model_summary(loaded.model), loaded.conversion)
+
+    flex = load_checkpoint(flex_path).model
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    print(f"3. one forward pass, batch 1, fp32, CPU ({torch.get_num_threads()} threads), median of {args.repeats}:")
+    dense_ms = _time_forward(dense, 0, args.repeats, args.seed) * 1e3
+    print(f"  {'dense':<16} {dense_ms:8.1f} ms")
+    for t in (0, NUM_TIMESTEPS - 1):
+        grid = "x".join(map(str, flex.density.grid(t, flex.token_grid)))
+        ms = _time_forward(flex, t, args.repeats, args.seed) * 1e3
+        print(f"  {f'FlexDiT t={t} {grid}':<16} {ms:8.1f} ms   {dense_ms / ms:.2f}x")
+
+
+# --- parser -------------------------------------------------------------------------------------------
+def _add_load_options(p: argparse.ArgumentParser, density_help: str) -> None:
+    p.add_argument("--num-heads", type=int, help="heads, for hidden sizes outside the standard table")
+    p.add_argument("--input-size", type=int, help="latent side (H = W), for files that do not record it")
+    p.add_argument("--sparse-grid", type=int, help="SparseDiT files: the released code's fixed grid (default 8)")
+    p.add_argument("--weights", choices=("ema", "model"), help="training checkpoints: which weights (default ema)")
+    p.add_argument("--timestep-freq-shift", type=int, choices=(0, 1),
+                   help="1 reproduces diffusers' DiT port exactly (default 0: the original DiT)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--density", metavar="R_MIN,R_MAX", help=density_help)
+    group.add_argument("--grid", metavar="G", help="a fixed sparse grid, G or HxW, at every timestep")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flexdit", description="FlexDiT: dynamic token density for DiTs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="any supported checkpoint -> our format; dense DiT -> FlexDiT")
+    p.add_argument("src", help="DiT .pt/.safetensors, SparseDiT .pt, diffusers folder, or flexdit .safetensors")
+    p.add_argument("dst", help="output .safetensors")
+    p.add_argument("--layout", help="'default' (paper's layout for the depth), 'dense', or a spec such as "
+                                    "2+4x1-3-1-1+2 (pool + SDTMs x gen-sparse-recover-dense + top); "
+                                    "default: FlexDiT for a dense source, the source's layout otherwise")
+    _add_load_options(p, "pruning rate range of the temporal schedule (default 0.61,0.86)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("info", help="describe a checkpoint: format, size, layout, density")
+    p.add_argument("ckpt")
+    _add_load_options(p, "show the grids of this schedule instead of the saved one")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="built-in demo: a dense DiT checkpoint converted to a FlexDiT, timed")
+    p.add_argument("--model", default="DiT-B/2", help="dense model to start from (default DiT-B/2)")
+    p.add_argument("--image-size", type=int, default=256, help="image size in pixels (latent = size / 8)")
+    p.add_argument("--density", default="0.61,0.86", metavar="R_MIN,R_MAX")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/demo", help="folder for the two checkpoints")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except FlexDiTError as e:
+        print(f"flexdit: error: {e}", file=sys.stderr)
+        sys.exit(2)
