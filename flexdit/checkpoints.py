@@ -14,6 +14,7 @@ import math
 import os
 import pickle
 import re
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -115,13 +116,22 @@ def save_model(model: DiT, path: str | os.PathLike) -> None:
         raise FlexDiTError(f"cannot create the folder for {path}: {e.strerror}") from None
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": "flexdit", METADATA_KEY: json.dumps(model.config.to_dict())}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # A short temporary name in the same folder: os.replace is atomic there, and long names still fit.
+    tmp = path.parent / f".flexdit-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     try:
         save_file(tensors, str(tmp), metadata=metadata)
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
         tmp.unlink(missing_ok=True)
-        raise FlexDiTError(f"cannot write {path}: {e.strerror}") from None
+        reason = getattr(e, "strerror", None) or _first_line(e)
+        raise FlexDiTError(f"cannot write {path}: {reason}") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
 
 
 def dit_state_dict(model: DiT) -> State:
@@ -156,11 +166,13 @@ def _torch_load(p: Path) -> dict:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported object"
-        raise FlexDiTError(f"{p} holds pickled objects other than tensors, and flexdit never unpickles code "
-                           f"({first[:120]}); re-save its state dict with torch.save or as safetensors") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
-        raise FlexDiTError(f"{p} is not a PyTorch checkpoint ({str(e).splitlines()[0][:120]})") from None
+        unsafe = re.search(r"GLOBAL (\S+)", str(e))
+        if unsafe:
+            raise FlexDiTError(f"{p} holds a pickled Python object ({unsafe.group(1)}), and flexdit never unpickles "
+                               "code; re-save its state dict with torch.save or as safetensors") from None
+        raise FlexDiTError(f"{p} is not a PyTorch checkpoint ({_first_line(e)})") from None
+    except Exception as e:  # torch raises many types for files that are not checkpoints at all
+        raise FlexDiTError(f"{p} is not a PyTorch checkpoint ({_first_line(e)})") from None
     if not isinstance(obj, dict):
         raise FlexDiTError(f"{p} holds a {type(obj).__name__}, not a state dict")
     return obj

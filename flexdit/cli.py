@@ -7,10 +7,16 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from flexdit.checkpoints import dit_state_dict, load_checkpoint, retarget
+from flexdit.checkpoints import LoadedCheckpoint, dit_state_dict, load_checkpoint, retarget
 from flexdit.errors import FlexDiTError
-from flexdit.models.dit import DiT, create_model
+from flexdit.diffusion.respace import sampler_timesteps
+from flexdit.measure.bench import DTYPES, bench
+from flexdit.measure.flops import flops_report
+from flexdit.models.dit import DiT, DiTConfig, create_model, model_config
+from flexdit.models.layout import Layout
+from flexdit.nn.blocks import GEN
 from flexdit.models.from_dense import ConversionReport
 from flexdit.schedule import NUM_TIMESTEPS, parse_density
 
@@ -137,6 +143,79 @@ def cmd_demo(args) -> None:
         print(f"  {f'FlexDiT t={t} {grid}':<16} {ms:8.1f} ms   {dense_ms / ms:.2f}x")
 
 
+def _target_config(args, flexdit: bool = False) -> DiTConfig:
+    """The model a measurement is about: --ckpt, or a standard size at --image-size (latent = size / 8).
+    A dense name or checkpoint becomes the FlexDiT of that size with --density/--grid/--layout, or always
+    when `flexdit` is set (bench compares the two)."""
+    density = parse_density(args.density, args.grid)
+    wants_flex = flexdit or density is not None or args.layout not in (None, "dense")
+    if args.ckpt:
+        model = load_checkpoint(args.ckpt, num_heads=args.num_heads).model
+        layout = args.layout or ("default" if wants_flex and model.layout.is_dense else None)
+        return retarget(LoadedCheckpoint(model, "", args.ckpt), layout, density).model.config
+    if args.image_size % 8:
+        raise FlexDiTError(f"--image-size {args.image_size} is not divisible by 8 (the VAE's downsampling)")
+    name = "Flex" + args.model if args.model.startswith("DiT-") and wants_flex else args.model
+    return model_config(name, args.image_size // 8, layout=args.layout, density=density)
+
+
+def _flexdit_gflops_table(report, steps: int) -> None:
+    print(f"  {'grid':<8} {'steps':>6} {'GFLOPs':>9}")
+    for grid, gflops in sorted(report.per_grid.items(), key=lambda kv: -kv[1]):
+        print(f"  {grid:<8} {report.steps_per_grid[grid]:>6} {gflops:>9.2f}")
+
+
+def cmd_flops(args) -> None:
+    config = _target_config(args)
+    timesteps = sampler_timesteps(args.sampler, args.steps)
+    report = flops_report(config, timesteps)
+    result = {"model": args.ckpt or args.model, "layout": str(Layout(config.layout)), "density": config.density,
+              "input_size": list(config.input_size), "sampler": args.sampler, "steps": args.steps, **report.to_dict()}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{result['model']}  layout {result['layout']}  latent {config.input_size[0]}x{config.input_size[1]}  "
+          f"{args.sampler} {args.steps} steps")
+    print(f"  GFLOPs (multiply-adds, one forward, one image): {report.gflops:.2f}   dense: {report.dense_gflops:.2f}   "
+          f"ratio {report.dense_gflops / report.gflops:.2f}x   saving {100 * report.saving:.1f}%")
+    if GEN in config.layout:
+        _flexdit_gflops_table(report, args.steps)
+
+
+def cmd_bench(args) -> None:
+    config = _target_config(args, flexdit=True)
+    if GEN not in config.layout:
+        raise FlexDiTError("bench compares dense with a FlexDiT; give a FlexDiT layout, not --layout dense")
+    flex = DiT(config)
+    timesteps = sampler_timesteps(args.sampler, args.steps)
+    units = 3 + len(flops_report(flex, timesteps).per_grid)  # dense grid, FlexDiT grids, two memory passes
+
+    def progress(message: str) -> None:
+        bar.set_description(message)
+        bar.update(1)
+
+    with tqdm(total=units, disable=args.json, leave=False) as bar:
+        result = bench(flex, timesteps, args.device, args.dtype, args.batch, args.repeats, args.warmup, args.compile,
+                       progress=progress)
+    result.update(model=args.ckpt or args.model, layout=str(flex.layout), density=config.density,
+                  input_size=list(config.input_size), sampler=args.sampler, steps=args.steps)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{result['model']}  latent {config.input_size[0]}x{config.input_size[1]}  {result['device']}  "
+          f"{args.dtype}  batch {args.batch}  {'compiled' if args.compile else 'eager'}  median of {args.repeats}")
+    print(f"  {'model':<8} {'GFLOPs':>8} {'ms/forward':>11} {'images/s':>9} {'peak MiB':>9} {'train-fwd MiB':>14}")
+    for key in ("dense", "flexdit"):
+        r = result[key]
+        print(f"  {key:<8} {r['gflops']:>8.2f} {r['ms']:>11.1f} {r['images_per_s']:>9.2f} "
+              f"{r['peak_memory_bytes'] / 2**20:>9.1f} {r['training_memory_bytes'] / 2**20:>14.1f}")
+    print(f"  speedup {result['speedup']:.2f}x   FLOPs ratio {result['flops_ratio']:.2f}x   memory ratio "
+          f"{result['memory_ratio']:.2f}x (inference), {result['training_memory_ratio']:.2f}x (training forward)")
+    steps = result["steps_per_grid"]
+    print("  FlexDiT per grid: " + ", ".join(f"{g} {ms:.1f} ms ({steps[g]} steps)"
+                                           for g, ms in result["flexdit"]["per_grid_ms"].items()))
+
+
 # --- parser -------------------------------------------------------------------------------------------
 def _add_load_options(p: argparse.ArgumentParser, density_help: str) -> None:
     p.add_argument("--num-heads", type=int, help="heads, for hidden sizes outside the standard table")
@@ -169,6 +248,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_options(p, "show the grids of this schedule instead of the saved one")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    for name, func, help_ in (("flops", cmd_flops, "GFLOPs of a model, dense vs FlexDiT, averaged over a sampler"),
+                              ("bench", cmd_bench, "time dense vs FlexDiT forward passes side by side")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--model", default="DiT-XL/2", help="standard size, e.g. DiT-XL/2 or FlexDiT-B/2")
+        p.add_argument("--image-size", type=int, default=256, help="image pixels (latent = size / 8)")
+        p.add_argument("--ckpt", help="measure a checkpoint's own config instead of --model")
+        p.add_argument("--num-heads", type=int, help="with --ckpt: heads, for non-standard sizes")
+        p.add_argument("--layout", help="FlexDiT layout ('default', 'dense' or a spec like 2+4x1-3-1-1+2)")
+        group = p.add_mutually_exclusive_group()
+        group.add_argument("--density", metavar="R_MIN,R_MAX", help="temporal schedule (FlexDiT default 0.61,0.86)")
+        group.add_argument("--grid", metavar="G", help="a fixed sparse grid, G or HxW")
+        p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="whose timesteps to average over")
+        p.add_argument("--steps", type=int, default=250)
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.set_defaults(func=func)
+        if name == "bench":
+            p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+            p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+            p.add_argument("--batch", type=int, default=1)
+            p.add_argument("--repeats", type=int, default=5, help="timed forward passes per grid (median)")
+            p.add_argument("--warmup", type=int, default=2)
+            p.add_argument("--compile", action="store_true", help="torch.compile each grid's forward")
 
     p = sub.add_parser("demo", help="built-in demo: a dense DiT checkpoint converted to a FlexDiT, timed")
     p.add_argument("--model", default="DiT-B/2", help="dense model to start from (default DiT-B/2)")

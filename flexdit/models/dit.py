@@ -67,6 +67,10 @@ class DiTConfig:
     def token_grid(self) -> Grid:
         return (self.input_size[0] // self.patch_size, self.input_size[1] // self.patch_size)
 
+    def dense(self) -> "DiTConfig":
+        """The all-dense model of the same size and resolution."""
+        return replace(self, layout=Layout.dense(self.depth).kinds, density=None)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["input_size"], d["layout"] = list(self.input_size), list(self.layout)
@@ -101,6 +105,16 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([Block(kind, D, config.num_heads, config.mlp_ratio) for kind in self.layout.kinds])
         self.final_layer = FinalLayer(D, p, config.out_channels)
         self.initialize_weights()
+        self._compiled_forward_grid = None
+
+    def compile_grids(self, **compile_kwargs) -> "DiT":
+        """torch.compile the per-grid forward: shapes are static per grid, so each grid compiles once."""
+        import torch._dynamo
+
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+        self._compiled_forward_grid = torch.compile(self.forward_grid, dynamic=False, **compile_kwargs)
+        return self
 
     def initialize_weights(self) -> None:
         """DiT's initialisation: adaLN-Zero (every block starts as identity), zero output layer."""
@@ -162,18 +176,19 @@ class DiT(nn.Module):
         samples whose timesteps need different grids run as separate groups.
         """
         self._check_inputs(x, t, y)
+        run = self._compiled_forward_grid or self.forward_grid
         if not self.layout.has_sparse_tokens:
-            return self.forward_grid(x, t, y, None)
+            return run(x, t, y, None)
         if grid is not None:
-            return self.forward_grid(x, t, y, tuple(grid))
+            return run(x, t, y, tuple(grid))
         grids = self.grids_for(t)
         distinct = sorted(set(grids))
         if len(distinct) == 1:
-            return self.forward_grid(x, t, y, distinct[0])
+            return run(x, t, y, distinct[0])
         out = None
         for g in distinct:
             idx = torch.tensor([i for i, gi in enumerate(grids) if gi == g], device=x.device)
-            group_out = self.forward_grid(x[idx], t[idx], y[idx], g)
+            group_out = run(x[idx], t[idx], y[idx], g)
             if out is None:
                 out = group_out.new_empty(x.shape[0], *group_out.shape[1:])
             out[idx] = group_out

@@ -1,0 +1,1 @@
+"""Diffusion processes: the DiT noise schedule, timestep respacing, samplers' timestep lists."""

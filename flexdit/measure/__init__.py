@@ -1,0 +1,1 @@
+"""Measurement: FLOPs accounting, side-by-side speed and memory benchmarks."""

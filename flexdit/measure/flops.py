@@ -1,0 +1,94 @@
+"""FLOPs accounting, one convention everywhere (DESIGN.md):
+
+multiply-adds (MACs) of one forward pass for one image, every matmul included (linear layers, the patch
+convolution, attention's Q K^T and A V), classifier-free-guidance doubling and the VAE excluded.
+Elementwise work (norms, activations, softmax, pooling, upsampling) is not counted, as in the DiT paper
+(DiT-XL/2: 118.6 G at 256 px, 525 G at 512 px).
+
+The counts are closed-form per block kind; tests check them against torch's FlopCounterMode on
+tiny models, so they describe the code that runs.
+"""
+from dataclasses import dataclass
+
+from flexdit.errors import FlexDiTError
+from flexdit.models.dit import DiT, DiTConfig
+from flexdit.nn.blocks import DENSE, GEN, POOL, RECOVER, SPARSE
+from flexdit.nn.density import Grid
+from flexdit.schedule import Density, density_from_dict
+
+FREQUENCY_EMBEDDING_SIZE = 256
+
+
+def _attention(C: int, queries: int, keys: int) -> int:
+    return 2 * queries * keys * C  # Q K^T and A V over all heads
+
+
+def block_macs(kind: str, C: int, mlp_hidden: int, N: int, M: int) -> int:
+    """MACs of one block: N dense tokens, M sparse tokens (the SDTM's grid)."""
+    adaln = 6 * C * C
+    if kind in (DENSE, SPARSE):
+        n = N if kind == DENSE else M
+        return adaln + 4 * C * C * n + _attention(C, n, n) + 2 * C * mlp_hidden * n
+    if kind == POOL:  # v and proj act on the mean token only (O(N) mixer); the MLP on every token
+        return adaln + 2 * C * C + 2 * C * mlp_hidden * N
+    if kind == GEN:  # sparse queries over dense keys/values
+        return adaln + C * C * M + 2 * C * C * N + _attention(C, M, N) + C * C * M + 2 * C * mlp_hidden * M
+    if kind == RECOVER:  # merge (W1 on upsampled sparse, W2 on dense), dense queries over sparse keys/values
+        return adaln + 2 * C * C * N + C * C * N + 2 * C * C * M + _attention(C, N, M) + C * C * N \
+            + 2 * C * mlp_hidden * N
+    raise ValueError(f"unknown block kind {kind!r}")
+
+
+def model_macs(config: DiTConfig, sparse_grid: Grid | None = None) -> int:
+    """MACs of one forward pass of one image at one sparse grid (ignored by dense layouts)."""
+    C, p = config.hidden_size, config.patch_size
+    gh, gw = config.token_grid
+    N = gh * gw
+    M = sparse_grid[0] * sparse_grid[1] if sparse_grid is not None else N
+    mlp_hidden = int(C * config.mlp_ratio)
+    embed = N * C * config.in_channels * p * p + FREQUENCY_EMBEDDING_SIZE * C + C * C
+    final = 2 * C * C + N * C * p * p * config.out_channels
+    return embed + sum(block_macs(kind, C, mlp_hidden, N, M) for kind in config.layout) + final
+
+
+@dataclass
+class FlopsReport:
+    gflops: float  # average over the timesteps (the figure to quote)
+    dense_gflops: float  # the all-dense model of the same size and resolution
+    per_grid: dict[str, float]  # "HxW" -> GFLOPs at that grid
+    steps_per_grid: dict[str, int]  # "HxW" -> how many of the timesteps use it
+
+    @property
+    def saving(self) -> float:
+        return 1.0 - self.gflops / self.dense_gflops
+
+    def to_dict(self) -> dict:
+        return {"gflops": self.gflops, "dense_gflops": self.dense_gflops, "flops_ratio": self.dense_gflops / self.gflops,
+                "saving": self.saving, "per_grid": self.per_grid, "steps_per_grid": self.steps_per_grid}
+
+
+def grid_name(grid: Grid) -> str:
+    return f"{grid[0]}x{grid[1]}"
+
+
+def flops_report(model_or_config: DiT | DiTConfig, timesteps: list[int], density: Density | None = None) -> FlopsReport:
+    """Average GFLOPs over the timesteps a sampler visits, and the figure of each grid used."""
+    config = model_or_config.config if isinstance(model_or_config, DiT) else model_or_config
+    if density is None:
+        density = model_or_config.density if isinstance(model_or_config, DiT) else density_from_dict(config.density)
+    dense = model_macs(config.dense())
+    if GEN not in config.layout:
+        g = dense / 1e9 if all(k == DENSE for k in config.layout) else model_macs(config) / 1e9
+        name = grid_name(config.token_grid)
+        return FlopsReport(g, dense / 1e9, {name: g}, {name: len(timesteps)})
+    if density is None:
+        raise FlexDiTError("a FlexDiT needs a density (--density R_MIN,R_MAX or --grid G) to count its FLOPs")
+    grids = density.grids(timesteps, config.token_grid) if timesteps else []
+    steps: dict[str, int] = {}
+    per_grid: dict[str, float] = {}
+    for g in grids:
+        name = grid_name(g)
+        steps[name] = steps.get(name, 0) + 1
+        per_grid.setdefault(name, model_macs(config, g) / 1e9)
+    average = sum(per_grid[n] * k for n, k in steps.items()) / max(1, len(grids))
+    return FlopsReport(average, dense / 1e9, per_grid, steps)
