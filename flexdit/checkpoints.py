@@ -172,7 +172,7 @@ def _torch_load(p: Path) -> dict:
                                "code; re-save its state dict with torch.save or as safetensors") from None
         raise FlexDiTError(f"{p} is not a PyTorch checkpoint ({_first_line(e)})") from None
     except Exception as e:  # torch raises many types for files that are not checkpoints at all
-        raise FlexDiTError(f"{p} is not a PyTorch checkpoint ({_first_line(e)})") from None
+        raise FlexDiTError(f"{p} is not a PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})") from None
     if not isinstance(obj, dict):
         raise FlexDiTError(f"{p} holds a {type(obj).__name__}, not a state dict")
     return obj

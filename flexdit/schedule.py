@@ -166,7 +166,8 @@ class TimestepIntervals:
         return (k * NUM_TIMESTEPS // self.num_intervals, (k + 1) * NUM_TIMESTEPS // self.num_intervals)
 
     def interval_of(self, t: torch.Tensor | int) -> torch.Tensor:
-        return _check_timesteps(t) * self.num_intervals // NUM_TIMESTEPS
+        """The k whose bounds(k) holds t (the inverse of bounds' floor(k * 1000 / K))."""
+        return ((_check_timesteps(t) + 1) * self.num_intervals - 1) // NUM_TIMESTEPS
 
     def grid(self, k: int, dense_grid: Grid) -> Grid:
         lo, hi = self.bounds(k)

@@ -13,7 +13,7 @@ from flexdit.models.layout import Layout
 from flexdit.nn.blocks import GEN, RECOVER, Block, FinalLayer
 from flexdit.nn.density import Grid, pool_tokens, upsample_tokens
 from flexdit.nn.embed import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
-from flexdit.schedule import Density, DensitySchedule, density_from_dict
+from flexdit.schedule import Density, DensitySchedule, FixedGrid, density_from_dict
 
 # Standard sizes: depth, hidden size, heads (DiT paper, Table 1).
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
@@ -180,7 +180,7 @@ class DiT(nn.Module):
         if not self.layout.has_sparse_tokens:
             return run(x, t, y, None)
         if grid is not None:
-            return run(x, t, y, tuple(grid))
+            return run(x, t, y, FixedGrid(*grid).grid(0, self.token_grid))
         grids = self.grids_for(t)
         distinct = sorted(set(grids))
         if len(distinct) == 1:

@@ -56,7 +56,10 @@ class Layout:
                 raise FlexDiTError(f"layout {spec!r} needs the model depth")
             return cls.dense(depth) if spec == "dense" else cls.default_flexdit(depth)
         match = _SPEC.match(spec)
-        if match:
+        dense = re.fullmatch(r"densex(\d+)", spec)  # what str() prints for a dense layout
+        if dense:
+            layout = cls.dense(int(dense.group(1)))
+        elif match:
             pool, sdtms, gen, sparse, recover, dense, top = map(int, match.groups())
             layout = cls.flexdit(pool, sdtms, gen, sparse, recover, dense, top)
         elif "," in spec or spec in BLOCK_KINDS:
@@ -103,9 +106,9 @@ class Layout:
             while rest[sdtms * len(unit):(sdtms + 1) * len(unit)] == unit:
                 sdtms += 1
             top = rest[sdtms * len(unit):]
-            if all(k == DENSE for k in top):
-                counts = "-".join(str(unit.count(k)) for k in (GEN, SPARSE, RECOVER, DENSE))
-                return f"{pool}+{sdtms}x{counts}+{len(top)}"
+            counts = [unit.count(k) for k in (GEN, SPARSE, RECOVER, DENSE)]
+            if Layout.flexdit(pool, sdtms, *counts, top=len(top)).kinds == self.kinds:
+                return f"{pool}+{sdtms}x{'-'.join(map(str, counts))}+{len(top)}"
         return ",".join(self.kinds)
 
     # --- validation -----------------------------------------------------------------------------
