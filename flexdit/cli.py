@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -17,6 +18,8 @@ from flexdit.measure.flops import flops_report
 from flexdit.models.dit import DiT, DiTConfig, create_model, model_config
 from flexdit.models.layout import Layout
 from flexdit.nn.blocks import GEN
+from flexdit.distributed import init_from_env, shutdown
+from flexdit.sampling import decode, image_grid, load_vae, plan, sample
 from flexdit.models.from_dense import ConversionReport
 from flexdit.schedule import NUM_TIMESTEPS, parse_density
 
@@ -188,7 +191,7 @@ def cmd_bench(args) -> None:
         raise FlexDiTError("bench compares dense with a FlexDiT; give a FlexDiT layout, not --layout dense")
     flex = DiT(config)
     timesteps = sampler_timesteps(args.sampler, args.steps)
-    units = 3 + len(flops_report(flex, timesteps).per_grid)  # dense grid, FlexDiT grids, two memory passes
+    units = args.warmup + args.repeats + 2  # timing rounds over every (model, grid), then memory of each model
 
     def progress(message: str) -> None:
         bar.set_description(message)
@@ -214,6 +217,106 @@ def cmd_bench(args) -> None:
     steps = result["steps_per_grid"]
     print("  FlexDiT per grid: " + ", ".join(f"{g} {ms:.1f} ms ({steps[g]} steps)"
                                            for g, ms in result["flexdit"]["per_grid_ms"].items()))
+
+
+def _writable(path: str | None) -> None:
+    """Fail before a long run, not after it, when an output cannot be written."""
+    if not path:
+        return
+    folder = Path(path).resolve().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".flexdit-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise FlexDiTError(f"cannot write {path}: {e.strerror}; choose another output path") from None
+
+
+def _save_atomic(path: str, write) -> None:
+    tmp = Path(path).resolve().parent / f".flexdit-{os.getpid()}.tmp{Path(path).suffix}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _sample_labels(args, num_classes: int) -> list[int]:
+    if args.classes:
+        try:
+            return [int(c) for c in args.classes.split(",")]
+        except ValueError:
+            raise FlexDiTError(f"cannot read --classes {args.classes!r}; expected ids such as 1,2,3") from None
+    if args.num < 1:
+        raise FlexDiTError(f"--num-samples must be at least 1, got {args.num}")
+    return [i % num_classes for i in range(args.num)]  # balanced classes
+
+
+def cmd_sample(args) -> None:
+    out_png = args.out or (None if args.npz else "samples.png")
+    for path in (out_png, args.npz):
+        _writable(path)
+    if args.batch < 1:
+        raise FlexDiTError(f"--batch must be at least 1, got {args.batch}")
+    ctx, device = init_from_env(args.device)
+    try:
+        options = _load_options(args)
+        model = load_checkpoint(args.ckpt, **options).model.to(device, DTYPES[args.dtype])
+        labels = _sample_labels(args, model.config.num_classes)
+        the_plan = plan(args.sampler, args.steps)
+        vae = None
+        if args.vae and args.vae != "none":
+            vae = load_vae(args.vae, device)
+        elif args.vae is None and model.in_channels not in (1, 3):
+            raise FlexDiTError(f"this model makes {model.in_channels}-channel latents; pass --vae PATH "
+                               "(a local sd-vae-ft-ema folder) or --vae none to keep the latents")
+        mine = list(range(ctx.rank, len(labels), ctx.world_size))
+        guided = None if args.cfg_channels == "all" else 3
+        results, start = [], time.perf_counter()
+        with tqdm(total=len(mine), desc="samples", disable=not ctx.is_main) as bar:
+            for k in range(0, len(mine), args.batch):
+                idx = mine[k:k + args.batch]
+                latents = sample(model, [labels[i] for i in idx], args.sampler, the_plan.steps, args.cfg, guided,
+                                 args.eta, args.seed, idx, progress=ctx.is_main)
+                results.append(latents.float().cpu() if args.vae == "none" else decode(latents, vae))
+                bar.update(len(idx))
+        elapsed = time.perf_counter() - start
+        arrays = torch.cat(results).numpy() if args.vae == "none" else np.concatenate(results)
+        _gather_and_write(ctx, args, arrays, mine, labels, out_png)
+        if ctx.is_main:
+            flops = flops_report(model, the_plan.timesteps)
+            print(f"{len(labels)} samples, {args.sampler} {the_plan.steps} steps, cfg {args.cfg}: "
+                  f"{len(mine) / elapsed:.2f} images/s on rank 0 ({ctx.world_size} process(es)); "
+                  f"{flops.gflops:.2f} GFLOPs per forward (dense {flops.dense_gflops:.2f})")
+    finally:
+        shutdown()
+
+
+def _gather_and_write(ctx, args, arrays: np.ndarray, mine: list[int], labels: list[int], out_png: str | None) -> None:
+    """Each rank writes its shard beside the output; rank 0 merges them in sample order."""
+    if ctx.world_size > 1:
+        shard = f"{args.npz or out_png}.rank{ctx.rank}.npz"
+        _save_atomic(shard, lambda tmp: np.savez(tmp, arr=arrays, idx=np.array(mine)))
+        ctx.barrier()
+        if not ctx.is_main:
+            return
+        parts = [np.load(f"{args.npz or out_png}.rank{r}.npz") for r in range(ctx.world_size)]
+        order = np.argsort(np.concatenate([p["idx"] for p in parts]))
+        arrays = np.concatenate([p["arr"] for p in parts])[order]
+        for r in range(ctx.world_size):
+            os.remove(f"{args.npz or out_png}.rank{r}.npz")
+    label_array = np.array(labels, dtype=np.int64)
+    if args.npz:
+        key = "latents" if args.vae == "none" else "arr_0"
+        _save_atomic(args.npz, lambda tmp: np.savez(tmp, **{key: arrays, ("labels" if key == "latents" else "arr_1"): label_array}))
+        print(f"wrote {args.npz}: {key} {arrays.dtype} {tuple(arrays.shape)}, labels")
+    if out_png and args.vae != "none":
+        from PIL import Image
+
+        grid = image_grid(arrays[: args.grid_max])
+        _save_atomic(out_png, lambda tmp: Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(tmp, format="PNG"))
+        print(f"wrote {out_png}: a grid of {min(len(arrays), args.grid_max)} images")
 
 
 # --- parser -------------------------------------------------------------------------------------------
@@ -271,6 +374,30 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--repeats", type=int, default=5, help="timed forward passes per grid (median)")
             p.add_argument("--warmup", type=int, default=2)
             p.add_argument("--compile", action="store_true", help="torch.compile each grid's forward")
+
+    p = sub.add_parser("sample", help="generate images (DDPM, DDIM, DPM-Solver++), PNG grid and/or ADM npz")
+    p.add_argument("--ckpt", required=True, help="any supported checkpoint")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--classes", help="class ids, e.g. 207,360,387")
+    who.add_argument("--num-samples", "--num", dest="num", type=int, default=16,
+                     help="number of samples, classes cycling 0..K-1 (default 16); under torchrun write "
+                          "--num-samples (torchrun reads --num as its own --numa-binding)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm"), default="ddpm")
+    p.add_argument("--steps", type=int, help="default: ddpm 250, ddim 50, dpm 20")
+    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (1 = off, no doubled batch)")
+    p.add_argument("--cfg-channels", choices=("3", "all"), default="3",
+                   help="guide the first 3 channels as the original DiT, or all noise channels")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--out", help="PNG grid (default samples.png unless only --npz is given)")
+    p.add_argument("--grid-max", type=int, default=64, help="at most this many images in the PNG grid")
+    p.add_argument("--npz", help="ADM evaluation npz: arr_0 uint8 NHWC, arr_1 labels")
+    p.add_argument("--vae", help="local diffusers AutoencoderKL folder for latent models, or 'none' to keep latents")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    _add_load_options(p, "override the checkpoint's temporal schedule")
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("demo", help="built-in demo: a dense DiT checkpoint converted to a FlexDiT, timed")
     p.add_argument("--model", default="DiT-B/2", help="dense model to start from (default DiT-B/2)")

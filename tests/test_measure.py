@@ -26,7 +26,8 @@ def test_block_counts_by_hand():
     assert block_macs(SPARSE, 8, 32, 4, 1) == 384 + 4 * 64 * 1 + 2 * 1 * 1 * 8 + 2 * 8 * 32 * 1
     assert block_macs(POOL, 8, 32, 4, 1) == 384 + 2 * 64 + 2 * 8 * 32 * 4  # v, proj on the mean token only
     assert block_macs(GEN, 8, 32, 4, 1) == 384 + 64 + 2 * 64 * 4 + 2 * 1 * 4 * 8 + 64 + 2 * 8 * 32
-    assert block_macs(RECOVER, 8, 32, 4, 1) == 384 + 2 * 64 * 4 + 64 * 4 + 2 * 64 + 2 * 4 * 8 + 64 * 4 + 2 * 8 * 32 * 4
+    # W1 on the sparse token before upsampling, W2 on the dense ones, q, kv, attention, proj, MLP.
+    assert block_macs(RECOVER, 8, 32, 4, 1) == 384 + 64 * 1 + 64 * 4 + 64 * 4 + 2 * 64 + 2 * 4 * 8 + 64 * 4 + 2 * 8 * 32 * 4
 
 
 @pytest.mark.parametrize("spec, grid, kw", [

@@ -43,29 +43,40 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_forward(model: DiT, batch: int, grid, repeats: int, warmup: int, device: torch.device,
-                 dtype: torch.dtype, seed: int = 0) -> float:
-    """Median seconds of model.forward at one grid (None for dense)."""
+def _inputs(model: DiT, batch: int, device: torch.device, dtype: torch.dtype, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, model.in_channels, *model.config.input_size, generator=g).to(device, dtype)
     t = torch.full((batch,), 500, device=device)  # the grid is passed explicitly; t only conditions
     y = torch.zeros(batch, dtype=torch.long, device=device)
-    times = []
+    return x, t, y
+
+
+def _time_once(model: DiT, inputs, grid, device: torch.device) -> float:
+    _synchronize(device)
+    start = time.perf_counter()
+    model(*inputs, grid=grid)
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def time_cases(cases: list[tuple[DiT, object]], batch: int, repeats: int, warmup: int, device: torch.device,
+               dtype: torch.dtype, progress=lambda msg: None) -> list[float]:
+    """Median seconds of each (model, grid) case. Rounds alternate over the cases, so that drifts in machine
+    speed (frequency scaling, neighbours on a shared host) hit every case alike rather than one model."""
+    inputs = {id(model): _inputs(model, batch, device, dtype) for model, _ in cases}
+    times: list[list[float]] = [[] for _ in cases]
     with torch.inference_mode():
-        for i in range(warmup + repeats):
-            _synchronize(device)
-            start = time.perf_counter()
-            model(x, t, y, grid=grid)
-            _synchronize(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for round_ in range(warmup + repeats):
+            progress(f"round {round_ + 1}/{warmup + repeats}" + (" (warm-up)" if round_ < warmup else ""))
+            for k, (model, grid) in enumerate(cases):
+                elapsed = _time_once(model, inputs[id(model)], grid, device)
+                if round_ >= warmup:
+                    times[k].append(elapsed)
+    return [statistics.median(ts) for ts in times]
 
 
 def _peak_memory(model: DiT, batch: int, grid, device: torch.device, dtype: torch.dtype, training: bool) -> int:
-    x = torch.randn(batch, model.in_channels, *model.config.input_size, device=device, dtype=dtype)
-    t = torch.full((batch,), 500, device=device)
-    y = torch.zeros(batch, dtype=torch.long, device=device)
+    x, t, y = _inputs(model, batch, device, dtype)
     if training:
         model.requires_grad_(True)
     try:
@@ -74,20 +85,10 @@ def _peak_memory(model: DiT, batch: int, grid, device: torch.device, dtype: torc
         model.requires_grad_(False)
 
 
-def _timing(name: str, model: DiT, report: FlopsReport, batch: int, repeats: int, warmup: int,
-            device: torch.device, dtype: torch.dtype, progress) -> ModelTiming:
-    grids = {name_: tuple(map(int, name_.split("x"))) for name_ in report.steps_per_grid}
-    per_grid = {}
-    for gname, grid in grids.items():
-        progress(f"timing {name} at {gname}")
-        arg = grid if model.layout.has_sparse_tokens else None
-        per_grid[gname] = time_forward(model, batch, arg, repeats, warmup, device, dtype) * 1e3
-    total = sum(report.steps_per_grid.values())
-    ms = sum(per_grid[g] * k for g, k in report.steps_per_grid.items()) / total
-    progress(f"memory of {name}")
-    largest = max(grids.values(), key=lambda g: g[0] * g[1]) if model.layout.has_sparse_tokens else None
-    memory = [_peak_memory(model, batch, largest, device, dtype, training) for training in (False, True)]
-    return ModelTiming(name, report.gflops, ms, batch / (ms / 1e3), *memory, per_grid)
+def _grids(report: FlopsReport, model: DiT) -> dict[str, tuple[int, int] | None]:
+    if not model.layout.has_sparse_tokens:
+        return {name: None for name in report.steps_per_grid}
+    return {name: tuple(map(int, name.split("x"))) for name in report.steps_per_grid}
 
 
 def bench(flex: DiT, timesteps: list[int], device: str | None = "cpu", dtype: str = "fp32", batch: int = 1,
@@ -97,18 +98,26 @@ def bench(flex: DiT, timesteps: list[int], device: str | None = "cpu", dtype: st
         raise FlexDiTError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPES)}")
     if batch < 1 or repeats < 1 or warmup < 0:
         raise FlexDiTError("batch and repeats must be at least 1 and warmup at least 0")
-    dev = resolve_device(device)
-    dense = DiT(flex.config.dense())
-    results = {}
-    for name, model in (("dense", dense), ("flexdit", flex)):
-        model = model.to(dev, DTYPES[dtype]).eval().requires_grad_(False)
+    dev, torch_dtype = resolve_device(device), DTYPES[dtype]
+    models = {"dense": DiT(flex.config.dense()), "flexdit": flex}
+    reports, cases = {}, []
+    for name, model in models.items():
+        model.to(dev, torch_dtype).eval().requires_grad_(False)
         if compile:
             model.compile_grids()
-        report = flops_report(model, timesteps)
-        results[name] = _timing(name, model, report, batch, repeats, warmup, dev, DTYPES[dtype], progress)
-        model.to("cpu")
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        reports[name] = flops_report(model, timesteps)
+        cases += [(name, gname, model, grid) for gname, grid in _grids(reports[name], model).items()]
+    seconds = time_cases([(model, grid) for _, _, model, grid in cases], batch, repeats, warmup, dev, torch_dtype,
+                         progress)
+    results = {}
+    for name, model in models.items():
+        per_grid = {gname: s * 1e3 for (n, gname, _, _), s in zip(cases, seconds) if n == name}
+        steps = reports[name].steps_per_grid
+        ms = sum(per_grid[g] * k for g, k in steps.items()) / sum(steps.values())
+        progress(f"memory of {name}")
+        largest = max(_grids(reports[name], model).values(), key=lambda g: g[0] * g[1] if g else 0)
+        memory = [_peak_memory(model, batch, largest, dev, torch_dtype, training) for training in (False, True)]
+        results[name] = ModelTiming(name, reports[name].gflops, ms, batch / (ms / 1e3), *memory, per_grid)
     d, f = results["dense"], results["flexdit"]
     return {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
@@ -117,6 +126,5 @@ def bench(flex: DiT, timesteps: list[int], device: str | None = "cpu", dtype: st
         "speedup": d.ms / f.ms, "flops_ratio": d.gflops / f.gflops,
         "memory_ratio": d.peak_memory_bytes / max(1, f.peak_memory_bytes),
         "training_memory_ratio": d.training_memory_bytes / max(1, f.training_memory_bytes),
-        "steps_per_grid": flops_report(flex, timesteps).steps_per_grid,
+        "steps_per_grid": reports["flexdit"].steps_per_grid,
     }
-

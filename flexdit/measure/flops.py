@@ -33,8 +33,8 @@ def block_macs(kind: str, C: int, mlp_hidden: int, N: int, M: int) -> int:
         return adaln + 2 * C * C + 2 * C * mlp_hidden * N
     if kind == GEN:  # sparse queries over dense keys/values
         return adaln + C * C * M + 2 * C * C * N + _attention(C, M, N) + C * C * M + 2 * C * mlp_hidden * M
-    if kind == RECOVER:  # merge (W1 on upsampled sparse, W2 on dense), dense queries over sparse keys/values
-        return adaln + 2 * C * C * N + C * C * N + 2 * C * C * M + _attention(C, N, M) + C * C * N \
+    if kind == RECOVER:  # merge (W1 on sparse before upsampling, W2 on dense), dense queries over sparse k/v
+        return adaln + C * C * M + C * C * N + C * C * N + 2 * C * C * M + _attention(C, N, M) + C * C * N \
             + 2 * C * mlp_hidden * N
     raise ValueError(f"unknown block kind {kind!r}")
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 from flexdit.errors import FlexDiTError
 from flexdit.models.layout import Layout
 from flexdit.nn.blocks import GEN, RECOVER, Block, FinalLayer
-from flexdit.nn.density import Grid, pool_tokens, upsample_tokens
+from flexdit.nn.density import Grid, pool_tokens
 from flexdit.nn.embed import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
 from flexdit.schedule import Density, DensitySchedule, FixedGrid, density_from_dict
 
@@ -206,7 +206,7 @@ class DiT(nn.Module):
                     tokens = pool_tokens(tokens, self.token_grid, sparse_grid)  # (B, M, D)
                 tokens = block(tokens, c, context=dense_input)
             elif block.kind == RECOVER:
-                merged = block.merge(upsample_tokens(tokens, sparse_grid, self.token_grid), dense_input)
+                merged = block.merge(tokens, dense_input, sparse_grid, self.token_grid)
                 tokens = block(merged, c, context=tokens)  # (B, N, D)
                 dense_input = None
             else:

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 from flexdit.nn.attention import CrossAttention, MeanPoolMixer, SelfAttention
+from flexdit.nn.density import Grid, upsample_tokens
 
 # Block kinds, in the order they appear inside a FlexDiT. One word each, used by layouts and configs.
 DENSE, POOL, GEN, SPARSE, RECOVER = "dense", "pool", "gen", "sparse", "recover"
@@ -27,7 +28,11 @@ class Mlp(nn.Module):
 
 
 class DenseMerge(nn.Module):
-    """Recovery merge: X_merged = Up(Xs) W1 + X W2. W1 = 0 and W2 = I at initialisation, so X_merged = X."""
+    """Recovery merge: X_merged = Up(Xs) W1 + X W2. W1 = 0 and W2 = I at initialisation, so X_merged = X.
+
+    Nearest upsampling only repeats tokens, so Up(Xs) W1 = Up(Xs W1): W1 runs on the M sparse tokens
+    instead of the N upsampled ones (exact, C^2 (N - M) fewer multiply-adds).
+    """
 
     def __init__(self, dim: int):
         super().__init__()
@@ -41,8 +46,8 @@ class DenseMerge(nn.Module):
         nn.init.eye_(self.dense.weight)
         nn.init.zeros_(self.dense.bias)
 
-    def forward(self, upsampled: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        return self.sparse(upsampled) + self.dense(dense)
+    def forward(self, sparse: torch.Tensor, dense: torch.Tensor, sparse_grid: Grid, dense_grid: Grid) -> torch.Tensor:
+        return upsample_tokens(self.sparse(sparse), sparse_grid, dense_grid) + self.dense(dense)
 
 
 class Block(nn.Module):

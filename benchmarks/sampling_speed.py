@@ -1,0 +1,73 @@
+"""End-to-end sampling wall-clock, dense vs FlexDiT, against the per-forward speedup of `flexdit bench`.
+
+    python benchmarks/sampling_speed.py --model DiT-B/2 --image-size 256 --samplers ddpm:250,ddim:50
+
+Both models sample the same labels with the same seed and batch (random weights: speed does not depend
+on them). The FlexDiT changes grid as the timestep moves; if switching grids cost anything, the
+end-to-end speedup would fall below the per-forward one (weighted over the same timesteps).
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from flexdit.measure.bench import DTYPES, bench, resolve_device
+from flexdit.models.dit import DiT, model_config
+from flexdit.sampling import plan, sample
+from flexdit.schedule import parse_density
+
+
+def time_sampling(model: DiT, labels: list[int], sampler: str, steps: int, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    sample(model, labels, sampler, steps, seed=0)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="DiT-B/2")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--density", default="0.61,0.86")
+    parser.add_argument("--samplers", default="ddpm:250,ddim:50")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    parser.add_argument("--out", default="results/sampling_speed.json")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    flex_name = args.model.replace("DiT-", "FlexDiT-", 1) if args.model.startswith("DiT-") else args.model
+    flex = DiT(model_config(flex_name, args.image_size // 8, density=parse_density(args.density))).eval()
+    dense = DiT(flex.config.dense()).eval()
+    for m in (flex, dense):
+        m.to(device, DTYPES[args.dtype]).requires_grad_(False)
+    labels = list(range(args.batch))
+    rows = []
+    for item in args.samplers.split(","):
+        sampler, steps = item.split(":")
+        steps = int(steps)
+        sample(dense, labels, sampler, 2)  # warm-up both models
+        sample(flex, labels, sampler, 2)
+        dense_s = time_sampling(dense, labels, sampler, steps, device)
+        flex_s = time_sampling(flex, labels, sampler, steps, device)
+        per_forward = bench(flex, plan(sampler, steps).timesteps, args.device, args.dtype, args.batch, repeats=5)
+        end_to_end = dense_s / flex_s
+        row = {"sampler": sampler, "steps": steps, "dense_s": dense_s, "flexdit_s": flex_s,
+               "end_to_end_speedup": end_to_end, "per_forward_speedup": per_forward["speedup"],
+               "relative_gap": end_to_end / per_forward["speedup"] - 1, "flops_ratio": per_forward["flops_ratio"]}
+        rows.append(row)
+        print(f"{sampler}-{steps}: dense {dense_s:.1f} s, FlexDiT {flex_s:.1f} s -> end-to-end {end_to_end:.2f}x; "
+              f"per-forward (bench) {per_forward['speedup']:.2f}x; gap {100 * row['relative_gap']:+.1f}%", flush=True)
+    result = {"model": args.model, "image_size": args.image_size, "density": args.density, "batch": args.batch,
+              "device": per_forward["device"], "dtype": args.dtype, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Sampling: DDPM, DDIM and DPM-Solver++ loops, classifier-free guidance, VAE decoding.
+
+The model is always called with integer timesteps 0..999, so a FlexDiT runs each step at the grid its
+density schedule gives for that timestep. Every sample's noise comes from its own generator, seeded by
+(seed, sample index): the images do not depend on the batch size or on how work is split over processes.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from flexdit.diffusion.gaussian import GaussianDiffusion
+from flexdit.errors import FlexDiTError
+from flexdit.models.dit import DiT
+
+SAMPLERS = ("ddpm", "ddim", "dpm")
+DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm": 20}
+LATENT_SCALE = 0.18215  # sd-vae-ft-ema/mse latents as DiT uses them
+
+
+@dataclass
+class SamplerPlan:
+    """The timesteps at which a sampler calls the model, and how to step."""
+    sampler: str
+    steps: int
+    timesteps: list[int]  # descending: the order the model sees them
+
+
+def _check_labels(model: DiT, labels: torch.Tensor) -> None:
+    n = model.config.num_classes
+    bad = [int(c) for c in labels.tolist() if not 0 <= int(c) < n]
+    if bad:
+        raise FlexDiTError(f"unknown class id {bad[0]}; this model has classes 0..{n - 1}")
+
+
+def _sample_generators(seed: int, indices: list[int]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in indices]
+
+
+def _randn(generators: list[torch.Generator], shape: tuple[int, ...], device, dtype) -> torch.Tensor:
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device, dtype)
+
+
+def _dpm_scheduler(steps: int):
+    try:
+        from diffusers import DPMSolverMultistepScheduler
+    except ImportError:
+        raise FlexDiTError("the dpm sampler uses diffusers' DPMSolverMultistepScheduler: pip install diffusers") from None
+    scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                                            beta_schedule="linear", algorithm_type="dpmsolver++", solver_order=2,
+                                            prediction_type="epsilon", lower_order_final=True)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+def plan(sampler: str, steps: int | None = None) -> SamplerPlan:
+    if sampler not in SAMPLERS:
+        raise FlexDiTError(f"unknown sampler {sampler!r}; choose {', '.join(SAMPLERS)}")
+    steps = DEFAULT_STEPS[sampler] if steps is None else steps
+    if steps < 1:
+        raise FlexDiTError(f"steps must be at least 1, got {steps}")
+    if sampler == "dpm":
+        return SamplerPlan(sampler, steps, [int(t) for t in _dpm_scheduler(steps).timesteps])
+    diffusion = GaussianDiffusion(str(steps) if sampler == "ddpm" else f"ddim{steps}")
+    return SamplerPlan(sampler, steps, diffusion.timesteps[::-1])
+
+
+@torch.no_grad()
+def sample(model: DiT, labels: torch.Tensor | list[int], sampler: str = "ddpm", steps: int | None = None,
+           cfg_scale: float = 1.0, guided_channels: int | None = 3, eta: float = 0.0, seed: int = 0,
+           sample_indices: list[int] | None = None, progress: bool = False) -> torch.Tensor:
+    """Latents (B, C, H, W) for class `labels`, on the model's device and dtype.
+
+    cfg_scale > 1 guides with the null class (guided_channels=3: the original DiT's first three channels;
+    None: all noise channels); cfg_scale == 1 runs the plain conditional model (no doubled batch).
+    sample_indices give each sample's seed index (default 0..B-1) so shards reproduce a single run.
+    """
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+    _check_labels(model, labels)
+    if cfg_scale < 1:
+        raise FlexDiTError(f"cfg scale must be at least 1 (1 = no guidance), got {cfg_scale}")
+    guided = cfg_scale != 1
+    if guided and not model.has_null_class:
+        raise FlexDiTError("classifier-free guidance needs a model trained with a null class; use --cfg 1")
+    the_plan = plan(sampler, steps)
+    indices = list(range(len(labels))) if sample_indices is None else list(sample_indices)
+    generators = _sample_generators(seed, indices)
+    shape = (model.in_channels, *model.config.input_size)
+    x = _randn(generators, shape, device, dtype)
+    y = labels.to(device)
+    if guided:
+        y = torch.cat([y, torch.full_like(y, model.config.num_classes)])
+
+    def model_output(x: torch.Tensor, t: int) -> torch.Tensor:
+        tt = torch.full((y.shape[0],), t, device=device, dtype=torch.long)
+        if guided:
+            out = model.forward_with_cfg(torch.cat([x, x]), tt, y, cfg_scale, guided_channels)
+            return out[: x.shape[0]]
+        return model(x, tt, y)
+
+    bar = tqdm(total=len(the_plan.timesteps), desc=f"{sampler} {the_plan.steps} steps", disable=not progress,
+               leave=False)
+    if sampler == "dpm":
+        scheduler = _dpm_scheduler(the_plan.steps)
+        for t in the_plan.timesteps:
+            eps = model_output(x, t)[:, : model.in_channels]
+            x = scheduler.step(eps.float(), t, x.float()).prev_sample.to(dtype)
+            bar.update(1)
+        bar.close()
+        return x
+    diffusion = GaussianDiffusion(str(the_plan.steps) if sampler == "ddpm" else f"ddim{the_plan.steps}",
+                                  learn_sigma=model.config.learn_sigma)
+    for step in range(diffusion.num_steps - 1, -1, -1):
+        out = model_output(x, diffusion.timesteps[step]).float()
+        bar.update(1)
+        noise = _randn(generators, shape, device, torch.float32)
+        if sampler == "ddpm":
+            x = diffusion.ddpm_step(out, x.float(), step, noise).to(dtype)
+        else:
+            x = diffusion.ddim_step(out, x.float(), step, noise, eta).to(dtype)
+    bar.close()
+    return x
+
+
+def load_vae(path: str, device: torch.device | str = "cpu"):
+    """A diffusers AutoencoderKL from a local folder (sd-vae-ft-ema / -mse layout)."""
+    import os
+
+    if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
+        raise FlexDiTError(f"VAE folder not found or without config.json: {path}; give a local diffusers "
+                           "AutoencoderKL folder (e.g. sd-vae-ft-ema) or --vae none")
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise FlexDiTError("decoding latents uses diffusers' AutoencoderKL: pip install diffusers") from None
+    try:
+        return AutoencoderKL.from_pretrained(path, local_files_only=True).to(device).eval()
+    except (OSError, ValueError) as e:
+        raise FlexDiTError(f"cannot load the VAE at {path}: {str(e).splitlines()[0]}") from None
+
+
+@torch.no_grad()
+def decode(latents: torch.Tensor, vae=None) -> np.ndarray:
+    """Latents -> uint8 images (B, H, W, C). Pixel-space models (1 or 3 channels, in [-1, 1]) need no VAE."""
+    if vae is not None:
+        expected = vae.config.latent_channels
+        if latents.shape[1] != expected:
+            raise FlexDiTError(f"the VAE expects {expected}-channel latents but the model makes {latents.shape[1]}; "
+                               "use the VAE the model was trained with")
+        images = vae.decode(latents.to(vae.dtype) / LATENT_SCALE).sample
+    elif latents.shape[1] in (1, 3):
+        images = latents
+    else:
+        raise FlexDiTError(f"{latents.shape[1]}-channel latents need a VAE to become images; pass --vae PATH "
+                           "or --vae none to keep the latents")
+    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return images.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
+    """(B, H, W, C) uint8 -> one (rows * H, columns * W, C) grid image with 2-pixel gaps."""
+    b, h, w, c = images.shape
+    columns = columns or int(np.ceil(np.sqrt(b)))
+    rows = int(np.ceil(b / columns))
+    pad = 2
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for k, image in enumerate(images):
+        r, col = divmod(k, columns)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = image
+    return grid
