@@ -146,6 +146,18 @@ def cmd_demo(args) -> None:
         print(f"  {f'FlexDiT t={t} {grid}':<16} {ms:8.1f} ms   {dense_ms / ms:.2f}x")
 
 
+def cmd_extract_latents(args) -> None:
+    from flexdit.training.extract import extract_latents
+
+    start = time.perf_counter()
+    meta = extract_latents(args.images, args.vae, args.out, args.image_size, args.batch, args.flip, args.shard_size,
+                           args.device)
+    n, elapsed = meta["num_samples"], time.perf_counter() - start
+    print(f"wrote {n} latents {'x'.join(map(str, meta['latent_shape']))} ({meta['num_classes']} classes"
+          f"{', with mirrored images' if meta['flip'] else ''}) to {args.out} in {elapsed:.1f} s "
+          f"({n / elapsed:.1f} images/s)")
+
+
 def _target_config(args, flexdit: bool = False) -> DiTConfig:
     """The model a measurement is about: --ckpt, or a standard size at --image-size (latent = size / 8).
     A dense name or checkpoint becomes the FlexDiT of that size with --density/--grid/--layout, or always
@@ -319,6 +331,13 @@ def _gather_and_write(ctx, args, arrays: np.ndarray, mine: list[int], labels: li
         print(f"wrote {out_png}: a grid of {min(len(arrays), args.grid_max)} images")
 
 
+def cmd_train(args) -> None:
+    from flexdit.training.trainer import TrainArgs, train
+
+    fields = TrainArgs.__dataclass_fields__
+    train(TrainArgs(**{k: v for k, v in vars(args).items() if k in fields}))
+
+
 # --- parser -------------------------------------------------------------------------------------------
 def _add_load_options(p: argparse.ArgumentParser, density_help: str) -> None:
     p.add_argument("--num-heads", type=int, help="heads, for hidden sizes outside the standard table")
@@ -399,6 +418,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_options(p, "override the checkpoint's temporal schedule")
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser("train", help="fine-tune a FlexDiT from a dense DiT (or train any layout from scratch)")
+    start = p.add_mutually_exclusive_group(required=True)
+    start.add_argument("--init", help="checkpoint to start from; a dense DiT becomes a FlexDiT unless --layout dense")
+    start.add_argument("--model", help="standard size trained from scratch, e.g. DiT-S/2 or FlexDiT-S/2")
+    p.add_argument("--data", required=True, help="latent shards (flexdit extract-latents), an image folder with "
+                                                 "one subfolder per class, or Fashion-MNIST idx files")
+    p.add_argument("--out", default="runs/train", help="folder for checkpoints, log.jsonl and ema.safetensors")
+    p.add_argument("--layout", help="'default', 'dense' or a spec such as 2+4x1-3-1-1+2")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--density", metavar="R_MIN,R_MAX", help="temporal schedule (default 0.61,0.86)")
+    group.add_argument("--grid", metavar="G", help="a fixed sparse grid at every timestep")
+    p.add_argument("--intervals", type=int, default=4, help="timestep intervals K (paper: 4)")
+    p.add_argument("--steps", type=int, default=1000, help="total optimiser steps (including resumed ones)")
+    p.add_argument("--batch", type=int, default=32, help="global batch, split over torchrun processes")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--ema", type=float, default=0.9999, help="EMA decay")
+    p.add_argument("--label-dropout", type=float, default=0.1, help="null-class probability (guidance)")
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--keep", type=int, default=2, help="checkpoints kept on disk")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--fsdp", action="store_true", help="shard the model over processes (XL)")
+    p.add_argument("--flip", action="store_true", help="random horizontal flips")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num-heads", type=int, help="heads of --init, for non-standard sizes")
+    p.add_argument("--image-size", type=int, help="image folders: crop size in pixels")
+    p.add_argument("--vae", help="image folders: encode on the fly with this local VAE")
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("demo", help="built-in demo: a dense DiT checkpoint converted to a FlexDiT, timed")
     p.add_argument("--model", default="DiT-B/2", help="dense model to start from (default DiT-B/2)")
     p.add_argument("--image-size", type=int, default=256, help="image size in pixels (latent = size / 8)")
@@ -407,6 +460,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/demo", help="folder for the two checkpoints")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("extract-latents", help="encode an image folder with a VAE once, for fast training")
+    p.add_argument("--images", required=True, help="image folder with one subfolder per class")
+    p.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema)")
+    p.add_argument("--out", required=True, help="output folder: latents-NNNNN.safetensors shards + meta.json")
+    p.add_argument("--image-size", type=int, required=True, help="images are centre-cropped to this side")
+    p.add_argument("--batch", type=int, default=32, help="images per VAE forward")
+    p.add_argument("--flip", action="store_true", help="also store the latents of the mirrored images")
+    p.add_argument("--shard-size", type=int, default=10000, help="images per shard")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=cmd_extract_latents)
     return parser
 
 

@@ -116,3 +116,51 @@ class GaussianDiffusion:
         if sigma > 0 and i > 0:
             out = out + sigma * noise
         return out
+
+    # --- training loss ------------------------------------------------------------------------------------
+    def training_losses(self, model_output: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, i: torch.Tensor,
+                        noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        """DiT's hybrid loss per sample: MSE on eps, plus (learned sigma) the variational-bound term that trains
+        the variance through a stop-gradient on the mean, as in Improved DDPM / DiT."""
+        C = x0.shape[1]
+        model_output = model_output.float()
+        eps = model_output[:, :C]
+        terms = {"mse": ((noise - eps) ** 2).mean(dim=list(range(1, x0.dim())))}
+        if self.learn_sigma:
+            frozen = torch.cat([eps.detach(), model_output[:, C:]], dim=1)
+            terms["vb"] = self.vb_term(frozen, x0, xt, i)
+            terms["loss"] = terms["mse"] + terms["vb"]
+        else:
+            terms["loss"] = terms["mse"]
+        return terms
+
+    def vb_term(self, model_output: torch.Tensor, x0: torch.Tensor, xt: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        """KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) in bits; the decoder NLL at the first step."""
+        true_mean, _, true_log_var = self.q_posterior(x0, xt, i)
+        mean, log_var, _, _ = self.p_mean_variance(model_output, xt, i)
+        dims = list(range(1, x0.dim()))
+        kl = normal_kl(true_mean, true_log_var, mean, log_var).mean(dim=dims) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var).mean(dim=dims) / math.log(2.0)
+        return torch.where(i.to(x0.device) == 0, nll, kl)
+
+
+def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
+    """Log-likelihood of data in [-1, 1] discretised to 256 bins under a Gaussian (ADM's decoder term)."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = _approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = _approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    cdf_delta = cdf_plus - cdf_min
+    return torch.where(x < -0.999, log_cdf_plus,
+                       torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))))
+

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from flexdit.errors import FlexDiTError
 from flexdit.models.layout import Layout
@@ -106,6 +107,7 @@ class DiT(nn.Module):
         self.final_layer = FinalLayer(D, p, config.out_channels)
         self.initialize_weights()
         self._compiled_forward_grid = None
+        self.grad_checkpointing = False  # recompute each block in backward instead of storing activations
 
     def compile_grids(self, **compile_kwargs) -> "DiT":
         """torch.compile the per-grid forward: shapes are static per grid, so each grid compiles once."""
@@ -199,18 +201,24 @@ class DiT(nn.Module):
         tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
         dense_input = None  # the SDTM's dense input while tokens are sparse
+        checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
+
+        def run(block: Block, x: torch.Tensor, context: torch.Tensor | None = None, grids=None) -> torch.Tensor:
+            if checkpointed:
+                return torch.utils.checkpoint.checkpoint(block, x, c, context, grids, use_reentrant=False)
+            return block(x, c, context, grids)
+
         for block in self.blocks:
             if block.kind == GEN:
                 if dense_input is None:
                     dense_input = tokens
                     tokens = pool_tokens(tokens, self.token_grid, sparse_grid)  # (B, M, D)
-                tokens = block(tokens, c, context=dense_input)
+                tokens = run(block, tokens, dense_input)
             elif block.kind == RECOVER:
-                merged = block.merge(tokens, dense_input, sparse_grid, self.token_grid)
-                tokens = block(merged, c, context=tokens)  # (B, N, D)
+                tokens = run(block, dense_input, tokens, (sparse_grid, self.token_grid))  # (B, N, D)
                 dense_input = None
             else:
-                tokens = block(tokens, c)
+                tokens = run(block, tokens)
         return self.unpatchify(self.final_layer(tokens, c))
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,8 @@ class Block(nn.Module):
     """x + gate * mixer(modulate(norm1(x))), then x + gate * mlp(modulate(norm2(x))), conditioned on c (B, D).
 
     With a cross-attention mixer the keys/values (`context`) pass through the same norm1 and modulation
-    as the queries, as in the FlexDiT authors' code.
+    as the queries, as in the FlexDiT authors' code. A recovery block first merges: x is the SDTM's dense
+    input, context the sparse tokens, and the merged tokens become both the residual stream and the queries.
     """
 
     def __init__(self, kind: str, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
@@ -78,7 +79,10 @@ class Block(nn.Module):
     def is_cross(self) -> bool:
         return self.kind in (GEN, RECOVER)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None,
+                grids: tuple[Grid, Grid] | None = None) -> torch.Tensor:
+        if self.merge is not None:
+            x = self.merge(context, x, *grids)  # (B, N, D) from sparse context (B, M, D) and dense x
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         h = modulate(self.norm1(x), shift_msa, scale_msa)
         if self.is_cross:

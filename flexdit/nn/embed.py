@@ -56,7 +56,8 @@ class TimestepEmbedder(nn.Module):
 class LabelEmbedder(nn.Module):
     """(B,) class ids -> (B, D). Row `num_classes` is the null class used by classifier-free guidance.
 
-    In training mode each label is replaced by the null class with probability `dropout_prob`.
+    The label dropout that trains the null class (probability `dropout_prob`) is applied by the trainer
+    with its own generator, so the forward pass holds no hidden randomness and training resumes exactly.
     """
 
     def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
@@ -67,9 +68,6 @@ class LabelEmbedder(nn.Module):
         self.embedding_table = nn.Embedding(num_classes + int(self.has_null_class), hidden_size)
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        if self.training and self.dropout_prob > 0:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-            labels = torch.where(drop, self.num_classes, labels)
         return self.embedding_table(labels)
 
 

@@ -1,0 +1,1 @@
+"""Training: data sources, latent extraction and the FlexDiT fine-tuning loop."""

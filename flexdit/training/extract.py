@@ -1,0 +1,120 @@
+"""`flexdit extract-latents`: encode an image folder once, so training reads latents instead of running the VAE.
+
+The output folder is complete exactly when it has meta.json: shards are written under a temporary name and
+renamed into place, and meta.json comes last (an interrupted run leaves no meta.json and may be rerun).
+"""
+import json
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from flexdit.errors import FlexDiTError
+from flexdit.sampling import LATENT_SCALE, load_vae
+from flexdit.training.data import (LATENTS_FORMAT, META_FILE, SHARD_NAME, ImageFolderData, encode_latents,
+                                   open_dataset, read_meta, shard_files, vae_latent_shape)
+
+TEMP_PREFIX = ".tmp-"
+SHARD_RE = re.compile(r"latents-\d{5}\.safetensors")
+
+
+def extract_latents(images: str, vae: str, out: str, image_size: int, batch: int = 32, flip: bool = False,
+                    shard_size: int = 10000, device: str = "auto", progress: bool = True) -> dict:
+    """Encode every image of `images` (one subfolder per class) to posterior-mean latents * LATENT_SCALE,
+    with the mirrored images' latents when `flip`; write float16 shards of `shard_size` and meta.json to `out`.
+    Returns the meta.json contents."""
+    if batch < 1 or shard_size < 1:
+        raise FlexDiTError(f"--batch and --shard-size must be at least 1, got {batch} and {shard_size}")
+    data = open_dataset(images, image_size)
+    if not isinstance(data, ImageFolderData):
+        raise FlexDiTError(f"--images {images} is not an image folder; give a folder with one subfolder of "
+                           "images per class")
+    autoencoder = load_vae(vae, _device(device))
+    latent_shape = vae_latent_shape(autoencoder, image_size)
+    folder = Path(out)
+    _prepare_output(folder)
+
+    n = len(data)
+    shard_ranges = [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
+    with tqdm(total=n, desc="extract-latents", unit="img", disable=not progress) as bar, \
+            ThreadPoolExecutor(1) as prefetch:
+        for shard, (start, end) in enumerate(shard_ranges):
+            batches = [torch.arange(b, min(b + batch, end)) for b in range(start, end, batch)]
+            parts = {"latents": [], "labels": [], "latents_flip": []}
+            pending = prefetch.submit(data.batch, batches[0])  # decode the next batch while this one encodes
+            for k in range(len(batches)):
+                pixels, labels = pending.result()  # (B, 3, size, size), (B,)
+                if k + 1 < len(batches):
+                    pending = prefetch.submit(data.batch, batches[k + 1])
+                parts["latents"].append(encode_latents(autoencoder, pixels).half().cpu())
+                parts["labels"].append(labels)
+                if flip:
+                    parts["latents_flip"].append(encode_latents(autoencoder, pixels.flip(-1)).half().cpu())
+                bar.update(len(labels))
+            _write_shard(folder / SHARD_NAME.format(shard), {k: torch.cat(v) for k, v in parts.items() if v})
+    for stale in shard_files(folder)[len(shard_ranges):]:  # left by an earlier, larger extraction
+        stale.unlink()
+
+    meta = {"format": LATENTS_FORMAT, "image_size": image_size, "latent_shape": list(latent_shape),
+            "num_classes": data.num_classes, "classes": data.classes, "scale": LATENT_SCALE,
+            "vae": str(Path(vae).resolve()), "flip": flip, "num_samples": n}
+    _write_atomic(folder / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+    return meta
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FlexDiTError(f"--device {device} asked for, but no CUDA GPU is available; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise FlexDiTError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+def _prepare_output(folder: Path) -> None:
+    """Create `folder`, or reuse one that only ever held our latents; then mark it incomplete (no meta.json)."""
+    if folder.exists() and not folder.is_dir():
+        raise FlexDiTError(f"--out {folder} is a file; give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FlexDiTError(f"cannot create --out {folder}: {e.strerror}; choose another folder") from None
+    ours = all(SHARD_RE.fullmatch(p.name) or p.name.startswith(TEMP_PREFIX) or p.name == META_FILE
+               for p in folder.iterdir())
+    if not ours or ((folder / META_FILE).exists() and not _is_latents_meta(folder)):
+        raise FlexDiTError(f"--out {folder} is not empty and not a flexdit-latents folder; give a new or empty "
+                           "folder (a previous extraction there may be overwritten)")
+    (folder / META_FILE).unlink(missing_ok=True)
+    for leftover in folder.glob(f"{TEMP_PREFIX}*"):
+        leftover.unlink()
+
+
+def _is_latents_meta(folder: Path) -> bool:
+    try:
+        read_meta(folder)
+    except FlexDiTError:
+        return False
+    return True
+
+
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    _write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
+
+
+def _write_atomic(path: Path, write) -> None:
+    """Write to a temporary name in the same folder, then rename: readers never see half a file."""
+    tmp = path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{path.name}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise FlexDiTError(f"cannot write {path}: {e.strerror or e}; free disk space or choose another --out") from None
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,383 @@
+"""Fine-tuning (or training from scratch) with the DiT hybrid loss, EMA, torchrun, exact resume.
+
+Timestep intervals (paper Sec. 3): with a temporal schedule, the 1000 timesteps are cut into K intervals;
+at step s, rank r draws t uniformly from interval (r + s * R) mod K, so with R = K ranks (the paper's
+setting) rank r always trains interval r, a single process cycles through the intervals step by step,
+and any R covers every interval. Each batch therefore runs at one grid.
+
+Randomness is a pure function of (seed, rank, step) and the data order of (seed, epoch), so a
+checkpoint (model, EMA, optimizer, step, data position, log window) resumes to the same weights and
+logged losses as a run that never stopped.
+"""
+import json
+import math
+import os
+import time
+from copy import deepcopy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard
+from tqdm import tqdm
+
+from flexdit.checkpoints import load_checkpoint, retarget
+from flexdit.diffusion.gaussian import GaussianDiffusion
+from flexdit.distributed import Dist, init_from_env, shutdown
+from flexdit.errors import FlexDiTError
+from flexdit.models.dit import DiT, DiTConfig, model_config
+from flexdit.models.layout import Layout
+from flexdit.schedule import NUM_TIMESTEPS, DensitySchedule, FixedGrid, TimestepIntervals, parse_density
+from flexdit.training.data import TrainData, open_dataset
+
+CHECKPOINT_VERSION = 1
+AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainArgs:
+    data: str
+    out: str = "runs/train"
+    init: str | None = None  # a checkpoint to start from (a dense one becomes a FlexDiT unless --layout dense)
+    model: str | None = None  # or a standard size, trained from scratch
+    layout: str | None = None
+    density: str | None = None
+    grid: str | None = None
+    intervals: int = 4
+    steps: int = 1000
+    batch: int = 32  # global batch, split over ranks
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    ema: float = 0.9999
+    label_dropout: float = 0.1
+    ckpt_every: int = 500
+    log_every: int = 10
+    keep: int = 2  # checkpoints kept on disk
+    resume: bool = False
+    dtype: str = "fp32"
+    grad_checkpointing: bool = False
+    compile: bool = False
+    fsdp: bool = False
+    flip: bool = False
+    seed: int = 0
+    device: str = "auto"
+    num_heads: int | None = None
+    image_size: int | None = None  # image folders: the size images are cropped to
+    vae: str | None = None  # image folders: encode on the fly with this VAE
+
+
+# --- model ----------------------------------------------------------------------------------------------
+def build_model(args: TrainArgs, data: TrainData) -> DiT:
+    """The model to train, checked against the data."""
+    if (args.init is None) == (args.model is None):
+        raise FlexDiTError("give exactly one of --init CKPT (fine-tune) or --model NAME (from scratch)")
+    density = parse_density(args.density, args.grid)
+    C, H, W = data.sample_shape
+    if args.init:
+        loaded = load_checkpoint(args.init, num_heads=args.num_heads)
+        layout = args.layout or ("default" if loaded.model.layout.is_dense else None)
+        model = retarget(loaded, layout, density).model
+    else:
+        name = args.model
+        if name.startswith("DiT-") and (density is not None or args.layout not in (None, "dense")):
+            name = "Flex" + name
+        model = DiT(model_config(name, (H, W), layout=args.layout, density=density, in_channels=C,
+                                 num_classes=data.num_classes, class_dropout_prob=args.label_dropout))
+    config = model.config
+    if (config.in_channels, *config.input_size) != (C, H, W):
+        raise FlexDiTError(f"the data's samples are {C}x{H}x{W} but the model takes "
+                           f"{config.in_channels}x{config.input_size[0]}x{config.input_size[1]}; "
+                           "use data of the model's size (image size / VAE) or another model")
+    if data.num_classes > config.num_classes:
+        raise FlexDiTError(f"the data has {data.num_classes} classes but the model only {config.num_classes}")
+    return model
+
+
+def timestep_plan(model: DiT, intervals: int) -> TimestepIntervals | None:
+    if model.layout.has_sparse_tokens and isinstance(model.density, DensitySchedule):
+        return TimestepIntervals(model.density, intervals)
+    return None
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------
+def checkpoint_dir(out: str) -> Path:
+    return Path(out) / "checkpoints"
+
+
+def latest_checkpoint(out: str) -> Path | None:
+    files = sorted(checkpoint_dir(out).glob("step-*.pt"))
+    return files[-1] if files else None
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to a temporary file in the same folder, then an atomic rename: a crash mid-write leaves
+    the previous checkpoint intact and no half-written file under a checkpoint name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{os.getpid()}-{path.name}"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_training_checkpoint(path: Path) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise FlexDiTError(f"{path} is not a flexdit training checkpoint of version {CHECKPOINT_VERSION}")
+    return state
+
+
+def _truncate_log(log_path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (the run died before the next one)."""
+    if not log_path.exists():
+        return
+    kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = log_path.with_name(f".{log_path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, log_path)
+
+
+# --- the loop ---------------------------------------------------------------------------------------------
+def _step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + rank) * 10_000_019 + step)
+
+
+def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + epoch))
+
+
+@torch.no_grad()
+def update_ema(ema: DiT, model: DiT, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+class Trainer:
+    def __init__(self, args: TrainArgs, ctx: Dist, device: torch.device):
+        self.args, self.ctx, self.device = args, ctx, device
+        if args.batch % ctx.world_size:
+            raise FlexDiTError(f"--batch {args.batch} is not divisible by the {ctx.world_size} processes")
+        if args.dtype not in AMP_DTYPES:
+            raise FlexDiTError(f"unknown --dtype {args.dtype}; choose {', '.join(AMP_DTYPES)}")
+        if args.dtype == "fp16" and device.type != "cuda":
+            raise FlexDiTError("fp16 training needs a CUDA GPU (loss scaling); use --dtype bf16 on CPU")
+        for name in ("steps", "ckpt_every", "log_every", "batch", "keep"):
+            if getattr(args, name) < 1:
+                raise FlexDiTError(f"--{name.replace('_', '-')} must be at least 1")
+        self.local_batch = args.batch // ctx.world_size
+        self.data = open_dataset(args.data, image_size=args.image_size, vae=args.vae, device=device)
+        if len(self.data) < args.batch:
+            raise FlexDiTError(f"the data holds {len(self.data)} samples, fewer than one batch of {args.batch}")
+        if args.flip and not self.data.can_flip:
+            raise FlexDiTError("--flip asked for, but this data cannot be flipped (latents extracted without "
+                               "--flip); re-extract with --flip or drop --flip")
+        self.out = Path(args.out)
+        self.log_path = self.out / "log.jsonl"
+        self.step, self.epoch, self.position = 0, 0, 0
+        self.window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "count": 0}
+
+        resume_from = latest_checkpoint(args.out) if args.resume else None
+        if args.resume and resume_from is None and ctx.is_main:
+            tqdm.write(f"--resume: no checkpoint in {checkpoint_dir(args.out)}; starting from step 0")
+        if resume_from is None and not args.resume and latest_checkpoint(args.out) is not None:
+            raise FlexDiTError(f"{args.out} already holds checkpoints; pass --resume to continue or choose "
+                               "another --out")
+        if resume_from is not None:
+            state = load_training_checkpoint(resume_from)
+            model = DiT(DiTConfig.from_dict(json.loads(state["model_config"])))
+            self._check_resume_matches(model.config, state)
+        else:
+            model = build_model(args, self.data)
+            state = None
+        self.intervals = timestep_plan(model, args.intervals)
+        self.diffusion = GaussianDiffusion(learn_sigma=model.config.learn_sigma)
+        self.null_class = model.config.num_classes if model.has_null_class else None
+        self.model = model.to(device).train()
+        self.ema = deepcopy(self.model).eval().requires_grad_(False)
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+        self.fsdp = args.fsdp and ctx.world_size > 1
+        if self.fsdp:  # shard every block, then the rest; the EMA is sharded alike and updated shard by shard
+            for m in (self.model, self.ema):
+                for block in m.blocks:
+                    fully_shard(block)
+                fully_shard(m)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        if state is not None:
+            set_optimizer_state_dict(self.model, self.opt, state["opt"], options=StateDictOptions(full_state_dict=True))
+            self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+            self.window = state["log_window"]
+            if ctx.is_main:
+                _truncate_log(self.log_path, self.step)
+        self.model.grad_checkpointing = args.grad_checkpointing
+        if args.compile:
+            self.model.compile_grids()
+        self.scaler = torch.amp.GradScaler("cuda") if args.dtype == "fp16" else None
+        if state is not None and self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
+        self.train_model = self._distribute(self.model)
+
+    def _check_resume_matches(self, saved: DiTConfig, state: dict) -> None:
+        """--resume must continue the same model and layout as the checkpoint."""
+        saved_args = json.loads(state["train_args"])
+        keys = ("init", "model", "layout", "density", "grid", "batch", "seed", "intervals", "data")
+        changed = [k for k in keys if saved_args.get(k) != getattr(self.args, k)]
+        if changed:
+            k = changed[0]
+            raise FlexDiTError(f"--resume with --{k.replace('_', '-')} {getattr(self.args, k)!r} but the checkpoint "
+                               f"was trained with {saved_args.get(k)!r}; use the same model, layout and data, or "
+                               "another --out")
+
+    def _distribute(self, model: DiT):
+        if self.ctx.world_size == 1 or self.fsdp:
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    # --- one step ---------------------------------------------------------------------------------------
+    def _batch_indices(self) -> torch.Tensor:
+        n, B = len(self.data), self.args.batch
+        if self.position + B > n:
+            self.epoch, self.position = self.epoch + 1, 0
+        order = _epoch_order(self.args.seed, self.epoch, n)
+        mine = order[self.position + self.ctx.rank * self.local_batch: self.position + (self.ctx.rank + 1) * self.local_batch]
+        self.position += B
+        return mine
+
+    def _timesteps(self, g: torch.Generator) -> tuple[torch.Tensor, object, int | None]:
+        """(t, grid, interval) for this rank at this step."""
+        if self.intervals is not None:
+            k = (self.ctx.rank + self.step * self.ctx.world_size) % self.intervals.num_intervals
+            return self.intervals.sample(k, self.local_batch, g), self.intervals.grid(k, self.model.token_grid), k
+        t = torch.randint(0, NUM_TIMESTEPS, (self.local_batch,), generator=g)
+        grid = None
+        if self.model.layout.has_sparse_tokens:
+            grid = self.model.density.grid(0, self.model.token_grid)  # a fixed grid
+        return t, grid, None
+
+    def train_step(self) -> dict:
+        g = _step_generator(self.args.seed, self.ctx.rank, self.step)
+        indices = self._batch_indices()
+        flip = torch.rand(len(indices), generator=g) < 0.5 if self.args.flip else None
+        x, y = self.data.batch(indices, flip)
+        t, grid, interval = self._timesteps(g)
+        if self.null_class is not None and self.args.label_dropout > 0:
+            drop = torch.rand(len(y), generator=g) < self.args.label_dropout
+            y = torch.where(drop, self.null_class, y)
+        noise = torch.randn(x.shape, generator=g)
+        x, y, t, noise = (a.to(self.device) for a in (x, y, t, noise))
+        xt = self.diffusion.q_sample(x, t, noise)
+        amp = AMP_DTYPES[self.args.dtype]
+        with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+            out = self.train_model(xt, t, y, grid=grid)
+        terms = self.diffusion.training_losses(out, x, xt, t, noise)
+        loss = terms["loss"].mean()
+        if not torch.isfinite(loss):
+            raise FlexDiTError(f"the loss became {loss.item()} at step {self.step}; lower --lr or use --dtype fp32")
+        self.opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.opt.step()
+        update_ema(self.ema, self.model, self.args.ema)
+        self.step += 1
+        return {"loss": loss.item(), "mse": terms["mse"].mean().item(),
+                "vb": terms["vb"].mean().item() if "vb" in terms else 0.0,
+                "grid": "x".join(map(str, grid)) if grid else "dense", "interval": interval}
+
+    # --- bookkeeping --------------------------------------------------------------------------------------
+    def _log(self, last: dict, steps_per_s: float) -> dict:
+        w = self.window
+        sums = torch.tensor([w["loss"], w["mse"], w["vb"], w["count"]], dtype=torch.float64)
+        if self.ctx.world_size > 1:
+            dist.all_reduce(sums)  # gloo/NCCL: average over ranks (each rank's window has the same count)
+        loss, mse, vb, count = sums.tolist()
+        record = {"step": self.step, "loss": loss / count, "mse": mse / count, "vb": vb / count,
+                  "grid": last["grid"], "interval": last["interval"], "steps_per_s": steps_per_s,
+                  "lr": self.args.lr, "time": time.time()}
+        self.window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "count": 0}
+        if self.ctx.is_main:
+            with self.log_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        return record
+
+    def _state(self) -> dict:
+        """Full (unsharded, CPU) state; a collective under FSDP, so every rank calls it."""
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = {
+            "version": CHECKPOINT_VERSION, "step": self.step, "epoch": self.epoch, "position": self.position,
+            "model": get_model_state_dict(self.model, options=full), "ema": get_model_state_dict(self.ema, options=full),
+            "opt": get_optimizer_state_dict(self.model, self.opt, options=full),
+            "log_window": dict(self.window), "model_config": json.dumps(self.model.config.to_dict()),
+            "train_args": json.dumps(asdict(self.args)),
+        }
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
+        return state
+
+    def full_ema(self) -> DiT | None:
+        """The EMA weights as a plain model; under FSDP gathered onto rank 0 (None on the other ranks)."""
+        if not self.fsdp:
+            return self.ema
+        state = get_model_state_dict(self.ema, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.ctx.is_main:
+            return None
+        model = DiT(self.model.config)
+        model.load_state_dict(state)
+        return model.eval()
+
+    def save(self) -> Path:
+        path = checkpoint_dir(self.args.out) / f"step-{self.step:07d}.pt"
+        state = self._state()
+        if self.ctx.is_main:
+            save_checkpoint(path, state)
+            for old in sorted(checkpoint_dir(self.args.out).glob("step-*.pt"))[:-self.args.keep]:
+                old.unlink()
+        self.ctx.barrier()
+        return path
+
+    def run(self) -> DiT | None:
+        args = self.args
+        if self.ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "train_args.json").write_text(json.dumps(asdict(args), indent=2))
+        bar = tqdm(total=args.steps, initial=self.step, disable=not self.ctx.is_main, desc="train")
+        tick, tick_step = time.perf_counter(), self.step
+        while self.step < args.steps:
+            last = self.train_step()
+            for k in ("loss", "mse", "vb"):
+                self.window[k] += last[k]
+            self.window["count"] += 1
+            bar.update(1)
+            if self.step % args.log_every == 0:
+                now = time.perf_counter()
+                record = self._log(last, (self.step - tick_step) / max(now - tick, 1e-9))
+                tick, tick_step = now, self.step
+                bar.set_postfix(loss=f"{record['loss']:.4f}", steps_per_s=f"{record['steps_per_s']:.2f}")
+            if self.step % args.ckpt_every == 0 or self.step == args.steps:
+                self.save()
+        bar.close()
+        ema = self.full_ema()
+        if self.ctx.is_main:
+            ema.save(self.out / "ema.safetensors")
+            tqdm.write(f"done: {self.step} steps; EMA weights in {self.out / 'ema.safetensors'}, "
+                       f"checkpoints in {checkpoint_dir(args.out)}, log in {self.log_path}")
+        return ema
+
+
+def train(args: TrainArgs) -> DiT | None:
+    """Run training in this process (and its torchrun peers); returns the EMA model (None on FSDP ranks > 0)."""
+    ctx, device = init_from_env(args.device)
+    torch.manual_seed(args.seed)  # only initialisation of models trained from scratch reads the global RNG
+    try:
+        return Trainer(args, ctx, device).run()
+    finally:
+        shutdown()
