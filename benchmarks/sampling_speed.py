@@ -1,19 +1,22 @@
 """End-to-end sampling wall-clock, dense vs FlexDiT, against the per-forward speedup of `flexdit bench`.
 
-    python benchmarks/sampling_speed.py --model DiT-B/2 --image-size 256 --samplers ddpm:250,ddim:50
+    python benchmarks/sampling_speed.py --model DiT-S/2 --image-size 256 --samplers ddpm:250,ddim:50
 
 Both models sample the same labels with the same seed and batch (random weights: speed does not depend
-on them). The FlexDiT changes grid as the timestep moves; if switching grids cost anything, the
-end-to-end speedup would fall below the per-forward one (weighted over the same timesteps).
+on them), alternating dense and FlexDiT runs (median of --repeats). The FlexDiT changes grid as the
+timestep moves; if switching grids cost anything, the end-to-end speedup would fall below the per-forward
+one of `flexdit bench` weighted over the same timesteps.
 """
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from flexdit.measure.bench import DTYPES, bench, resolve_device
+from flexdit.distributed import resolve_device
+from flexdit.measure.bench import DTYPES, bench
 from flexdit.models.dit import DiT, model_config
 from flexdit.sampling import plan, sample
 from flexdit.schedule import parse_density
@@ -31,7 +34,8 @@ def time_sampling(model: DiT, labels: list[int], sampler: str, steps: int, devic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="DiT-B/2")
+    parser.add_argument("--model", default="DiT-S/2")
+    parser.add_argument("--repeats", type=int, default=3, help="sampling runs per model (median)")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--density", default="0.61,0.86")
     parser.add_argument("--samplers", default="ddpm:250,ddim:50")
@@ -53,9 +57,10 @@ def main() -> None:
         steps = int(steps)
         sample(dense, labels, sampler, 2)  # warm-up both models
         sample(flex, labels, sampler, 2)
-        dense_s = time_sampling(dense, labels, sampler, steps, device)
-        flex_s = time_sampling(flex, labels, sampler, steps, device)
-        per_forward = bench(flex, plan(sampler, steps).timesteps, args.device, args.dtype, args.batch, repeats=5)
+        runs = [(time_sampling(dense, labels, sampler, steps, device), time_sampling(flex, labels, sampler, steps, device))
+                for _ in range(args.repeats)]
+        dense_s, flex_s = (statistics.median(r[i] for r in runs) for i in (0, 1))
+        per_forward = bench(flex, plan(sampler, steps).timesteps, args.device, args.dtype, args.batch, repeats=9)
         end_to_end = dense_s / flex_s
         row = {"sampler": sampler, "steps": steps, "dense_s": dense_s, "flexdit_s": flex_s,
                "end_to_end_speedup": end_to_end, "per_forward_speedup": per_forward["speedup"],

@@ -11,16 +11,16 @@ import torch
 from tqdm import tqdm
 
 from flexdit.checkpoints import LoadedCheckpoint, dit_state_dict, load_checkpoint, retarget
-from flexdit.errors import FlexDiTError
 from flexdit.diffusion.respace import sampler_timesteps
+from flexdit.distributed import init_from_env, shutdown
+from flexdit.errors import FlexDiTError
 from flexdit.measure.bench import DTYPES, bench
 from flexdit.measure.flops import flops_report
 from flexdit.models.dit import DiT, DiTConfig, create_model, model_config
+from flexdit.models.from_dense import ConversionReport
 from flexdit.models.layout import Layout
 from flexdit.nn.blocks import GEN
-from flexdit.distributed import init_from_env, shutdown
 from flexdit.sampling import decode, image_grid, load_vae, plan, sample
-from flexdit.models.from_dense import ConversionReport
 from flexdit.schedule import NUM_TIMESTEPS, parse_density
 
 SUMMARY_TIMESTEPS = (0, 249, 500, 750, 999)

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from flexdit.errors import FlexDiTError
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -21,17 +23,25 @@ class Dist:
             dist.barrier()
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """'auto' (or None): the GPU if there is one, else the CPU; 'cuda' without a GPU is a clear error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FlexDiTError(f"--device {device} was asked for but no CUDA GPU is visible; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise FlexDiTError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N") from None
+
+
 def init_from_env(device: str | None = None) -> tuple[Dist, torch.device]:
     """Join the process group torchrun describes (NCCL on GPU, gloo on CPU); a plain run is rank 0 of 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device in (None, "auto") else device.startswith("cuda")
-    if device in (None, "auto"):
-        dev = torch.device(f"cuda:{local}" if use_cuda else "cpu")
-    else:
-        dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device(f"cuda:{local}")
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device(f"cuda:{local}")  # one GPU per local rank
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

@@ -200,7 +200,9 @@ def test_pool_mixer_equals_uniform_attention():
     mixer = randomize(MeanPoolMixer(HIDDEN))
     x = torch.randn(2, 37, HIDDEN)
     with torch.no_grad():
-        torch.testing.assert_close(mixer(x), uniform_attention_reference(mixer, x), atol=1e-5, rtol=0)
+        out = mixer(x)  # one (B, 1, C) row that the block broadcasts to every token
+        assert out.shape == (2, 1, HIDDEN)
+        torch.testing.assert_close(out.expand(2, 37, HIDDEN), uniform_attention_reference(mixer, x), atol=1e-5, rtol=0)
 
 
 class MaxNumel(TorchDispatchMode):
@@ -230,7 +232,7 @@ def test_pool_mixer_is_linear_in_tokens():
     assert probe.largest <= N * HIDDEN < N * N
     with torch.no_grad():
         ref = uniform_attention_reference(mixer, small)
-    torch.testing.assert_close(out, ref.repeat(1, 1024, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.expand(1, N, HIDDEN), ref.repeat(1, 1024, 1), atol=1e-5, rtol=0)
 
 
 # --- density follows the timestep ----------------------------------------------------------------

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flexdit.distributed import resolve_device
 from flexdit.errors import FlexDiTError
 from flexdit.measure.flops import FlopsReport, flops_report
 from flexdit.measure.memory import peak_forward_memory
@@ -28,14 +29,6 @@ class ModelTiming:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FlexDiTError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    return torch.device(device)
 
 
 def _synchronize(device: torch.device) -> None:

@@ -53,7 +53,8 @@ class CrossAttention(nn.Module):
 
 
 class MeanPoolMixer(nn.Module):
-    """Poolingformer mixer: every token receives proj(mean over tokens of V).
+    """Poolingformer mixer: every token receives proj(mean over tokens of V), returned once as (B, 1, C)
+    for the block to broadcast over the tokens.
 
     Uniform attention weights make attention the mean of V; since V is linear, mean(x W_v + b) =
     mean(x) W_v + b, so we average first: O(N C + C^2) instead of an N x N matrix.
@@ -65,4 +66,4 @@ class MeanPoolMixer(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.v(x.mean(dim=1, keepdim=True))).expand_as(x)  # (B, 1, C) broadcast to (B, N, C)
+        return self.proj(self.v(x.mean(dim=1, keepdim=True)))  # (B, 1, C)

@@ -84,12 +84,17 @@ class Block(nn.Module):
         if self.merge is not None:
             x = self.merge(context, x, *grids)  # (B, N, D) from sparse context (B, M, D) and dense x
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        h = modulate(self.norm1(x), shift_msa, scale_msa)
+        if self.kind == POOL:
+            # The modulation is one affine map for all tokens, so it commutes with the pooling mean:
+            # normalise, average, then modulate a single token instead of N.
+            h = modulate(self.norm1(x).mean(dim=1, keepdim=True), shift_msa, scale_msa)  # (B, 1, C)
+        else:
+            h = modulate(self.norm1(x), shift_msa, scale_msa)
         if self.is_cross:
             mixed = self.attn(h, modulate(self.norm1(context), shift_msa, scale_msa))
         else:
             mixed = self.attn(h)
-        x = x + gate_msa.unsqueeze(1) * mixed
+        x = x + gate_msa.unsqueeze(1) * mixed  # a pooling mixer's (B, 1, C) broadcasts over the tokens
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 

@@ -5,6 +5,7 @@ Every source answers the same two questions the trainer asks: what one sample lo
 are mirrored, is the trainer's choice from its own seeded generator, so a resumed run sees the same data.
 """
 import gzip
+from abc import ABC, abstractmethod
 import json
 import math
 import zlib
@@ -28,7 +29,7 @@ IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC = 2051, 2049
 FASHION_MNIST_SIDE, FASHION_MNIST_PADDED, FASHION_MNIST_CLASSES = 28, 32, 10
 
 
-class TrainData:
+class TrainData(ABC):
     """What the trainer sees of a data source.
 
     batch(indices, flip) -> x float32 (B, C, H, W) in the model's input space, y int64 (B,), on `device`
@@ -41,11 +42,11 @@ class TrainData:
     vae_path: str | None = None  # the VAE that turns x into images; None for pixel space
     device: torch.device = torch.device("cpu")
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def __len__(self) -> int: ...
 
-    def batch(self, indices: torch.Tensor, flip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+    @abstractmethod
+    def batch(self, indices: torch.Tensor, flip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def mirror(x: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:

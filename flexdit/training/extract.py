@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from flexdit.distributed import resolve_device
 from flexdit.errors import FlexDiTError
 from flexdit.sampling import LATENT_SCALE, load_vae
 from flexdit.training.data import (LATENTS_FORMAT, META_FILE, SHARD_NAME, ImageFolderData, encode_latents,
@@ -32,7 +33,7 @@ def extract_latents(images: str, vae: str, out: str, image_size: int, batch: int
     if not isinstance(data, ImageFolderData):
         raise FlexDiTError(f"--images {images} is not an image folder; give a folder with one subfolder of "
                            "images per class")
-    autoencoder = load_vae(vae, _device(device))
+    autoencoder = load_vae(vae, resolve_device(device))
     latent_shape = vae_latent_shape(autoencoder, image_size)
     folder = Path(out)
     _prepare_output(folder)
@@ -63,17 +64,6 @@ def extract_latents(images: str, vae: str, out: str, image_size: int, batch: int
             "vae": str(Path(vae).resolve()), "flip": flip, "num_samples": n}
     _write_atomic(folder / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
     return meta
-
-
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FlexDiTError(f"--device {device} asked for, but no CUDA GPU is available; use --device cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise FlexDiTError(f"unknown --device {device!r}; use auto, cpu, cuda or cuda:N") from None
 
 
 def _prepare_output(folder: Path) -> None:
