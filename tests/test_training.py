@@ -197,3 +197,13 @@ def test_fsdp_two_processes_train_save_and_resume(tmp_path, data, dense_ckpt):
     state = torch.load(latest_checkpoint(str(out)), map_location="cpu", weights_only=True)
     assert state["step"] == 4 and state["model"]["blocks.0.attn.v.weight"].shape == (32, 32)  # full, not a shard
     assert load(out / "ema.safetensors").layout.kinds == Layout.parse(FLEX_LAYOUT).kinds
+
+
+def test_custom_size_from_scratch(tmp_path, data):
+    model = train(TrainArgs(data=str(data), model="DiT-S/4", hidden_size=32, depth=3, num_heads=2, out=str(tmp_path),
+                            steps=2, batch=8, ckpt_every=2, log_every=1, device="cpu"))
+    c = model.config
+    assert (c.hidden_size, c.depth, c.num_heads, c.patch_size, c.in_channels, c.num_classes) == (32, 3, 2, 4, 1, 10)
+    assert model.layout.is_dense and c.input_size == (32, 32)
+    with pytest.raises(FlexDiTError, match="--hidden-size and --depth"):
+        train(TrainArgs(data=str(data), init=str(tmp_path / "ema.safetensors"), hidden_size=64, out=str(tmp_path / "x")))

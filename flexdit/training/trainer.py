@@ -64,7 +64,9 @@ class TrainArgs:
     flip: bool = False
     seed: int = 0
     device: str = "auto"
-    num_heads: int | None = None
+    num_heads: int | None = None  # --init: heads of a non-standard size; --model: custom heads
+    hidden_size: int | None = None  # --model: a custom width
+    depth: int | None = None  # --model: a custom depth
     image_size: int | None = None  # image folders: the size images are cropped to
     vae: str | None = None  # image folders: encode on the fly with this VAE
 
@@ -74,6 +76,9 @@ def build_model(args: TrainArgs, data: TrainData) -> DiT:
     """The model to train, checked against the data."""
     if (args.init is None) == (args.model is None):
         raise FlexDiTError("give exactly one of --init CKPT (fine-tune) or --model NAME (from scratch)")
+    if args.init and (args.hidden_size or args.depth):
+        raise FlexDiTError("--hidden-size and --depth shape a model trained from scratch (--model); "
+                           "--init takes its size from the checkpoint")
     density = parse_density(args.density, args.grid)
     C, H, W = data.sample_shape
     if args.init:
@@ -84,8 +89,10 @@ def build_model(args: TrainArgs, data: TrainData) -> DiT:
         name = args.model
         if name.startswith("DiT-") and (density is not None or args.layout not in (None, "dense")):
             name = "Flex" + name
-        model = DiT(model_config(name, (H, W), layout=args.layout, density=density, in_channels=C,
-                                 num_classes=data.num_classes, class_dropout_prob=args.label_dropout))
+        custom = {k: v for k, v in (("hidden_size", args.hidden_size), ("num_heads", args.num_heads)) if v}
+        model = DiT(model_config(name, (H, W), layout=args.layout, density=density, depth=args.depth,
+                                 in_channels=C, num_classes=data.num_classes, class_dropout_prob=args.label_dropout,
+                                 **custom))
     config = model.config
     if (config.in_channels, *config.input_size) != (C, H, W):
         raise FlexDiTError(f"the data's samples are {C}x{H}x{W} but the model takes "
@@ -225,7 +232,7 @@ class Trainer:
     def _check_resume_matches(self, saved: DiTConfig, state: dict) -> None:
         """--resume must continue the same model and layout as the checkpoint."""
         saved_args = json.loads(state["train_args"])
-        keys = ("init", "model", "layout", "density", "grid", "batch", "seed", "intervals", "data")
+        keys = ("init", "model", "hidden_size", "depth", "num_heads", "layout", "density", "grid", "intervals")
         changed = [k for k in keys if saved_args.get(k) != getattr(self.args, k)]
         if changed:
             k = changed[0]
