@@ -38,3 +38,16 @@ def inputs(model: DiT, batch: int = 2, seed: int = 1, t=None):
 def _deterministic():
     torch.manual_seed(0)
     torch.set_num_threads(2)
+
+
+def cli_fails(capsys, *argv) -> str:
+    """Run the command expecting a user error: exit status 2 and one line on stderr; returns that line."""
+    from flexdit.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flexdit: error: ") and err.count("\n") == 1
+    return err
+

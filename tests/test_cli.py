@@ -9,21 +9,12 @@ from flexdit.cli import main
 from flexdit.checkpoints import dit_state_dict
 from flexdit.models.layout import Layout
 
-from conftest import inputs, tiny_model
+from conftest import cli_fails, inputs, tiny_model
 
 
 def run(capsys, *argv) -> str:
     main([str(a) for a in argv])
     return capsys.readouterr().out
-
-
-def fails(capsys, *argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in argv])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("flexdit: error: ") and err.count("\n") == 1
-    return err
 
 
 @pytest.fixture
@@ -82,10 +73,10 @@ def test_flops_of_standard_sizes(capsys):
 
 def test_errors_are_one_line(capsys, tmp_path, dense_pt):
     src, _ = dense_pt
-    fails(capsys, "convert", tmp_path / "missing.pt", tmp_path / "o.safetensors")
-    fails(capsys, "convert", src, tmp_path / "o.safetensors")  # hidden 32: heads unknown
-    fails(capsys, "convert", src, tmp_path / "o.safetensors", "--num-heads", 4, "--layout", "2+4x1-3-1-1+2")
-    fails(capsys, "convert", src, tmp_path / "o.safetensors", "--num-heads", 4, "--density", "0.9,0.5")
-    fails(capsys, "flops", "--model", "DiT-XXL/2")
-    fails(capsys, "flops", "--model", "DiT-XL/2", "--image-size", 100)
-    fails(capsys, "flops", "--model", "DiT-XL/2", "--grid", "40")
+    cli_fails(capsys, "convert", tmp_path / "missing.pt", tmp_path / "o.safetensors")
+    cli_fails(capsys, "convert", src, tmp_path / "o.safetensors")  # hidden 32: heads unknown
+    cli_fails(capsys, "convert", src, tmp_path / "o.safetensors", "--num-heads", 4, "--layout", "2+4x1-3-1-1+2")
+    cli_fails(capsys, "convert", src, tmp_path / "o.safetensors", "--num-heads", 4, "--density", "0.9,0.5")
+    cli_fails(capsys, "flops", "--model", "DiT-XXL/2")
+    cli_fails(capsys, "flops", "--model", "DiT-XL/2", "--image-size", 100)
+    cli_fails(capsys, "flops", "--model", "DiT-XL/2", "--grid", "40")

@@ -13,18 +13,11 @@ from flexdit.sampling import LATENT_SCALE, load_vae
 from flexdit.training.data import (FashionMNISTData, ImageFolderData, LatentsData, center_crop_arr, load_image,
                                    open_dataset)
 
+from conftest import cli_fails
+
 CLASSES = ("cat", "ant", "bee")  # sorted: ant 0, bee 1, cat 2
 SIZE = 16
 HALF = dict(rtol=2e-3, atol=2e-4)  # float16 storage; encoding in other batch sizes may round differently
-
-
-def fails(capsys, *argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in argv])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("flexdit: error: ") and err.count("\n") == 1
-    return err
 
 
 @pytest.fixture(scope="module")
@@ -128,13 +121,13 @@ def test_extract_latents_errors(capsys, tmp_path, image_dir, vae_dir):
     foreign = tmp_path / "notes"
     foreign.mkdir()
     (foreign / "todo.txt").write_text("keep me")
-    err = fails(capsys, "extract-latents", "--images", image_dir, "--vae", vae_dir, "--out", foreign,
+    err = cli_fails(capsys, "extract-latents", "--images", image_dir, "--vae", vae_dir, "--out", foreign,
                 "--image-size", SIZE, "--device", "cpu")
     assert "not empty and not a flexdit-latents folder" in err and (foreign / "todo.txt").exists()
-    err = fails(capsys, "extract-latents", "--images", tmp_path / "nowhere", "--vae", vae_dir, "--out",
+    err = cli_fails(capsys, "extract-latents", "--images", tmp_path / "nowhere", "--vae", vae_dir, "--out",
                 tmp_path / "out", "--image-size", SIZE)
     assert "not found" in err
-    err = fails(capsys, "extract-latents", "--images", image_dir, "--vae", tmp_path, "--out", tmp_path / "out",
+    err = cli_fails(capsys, "extract-latents", "--images", image_dir, "--vae", tmp_path, "--out", tmp_path / "out",
                 "--image-size", SIZE)
     assert "config.json" in err
 

@@ -102,6 +102,13 @@ def test_positions_match_diffusers():
     torch.testing.assert_close(ours.pos_embed, theirs.pos_embed.pos_embed, atol=1e-6, rtol=0)
 
 
+def diffusers_with_original_frequencies(ours):
+    theirs = load_into_diffusers(ours)
+    for block in theirs.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = 0
+    return theirs
+
+
 def test_dense_dit_equals_diffusers_with_its_frequency_shift():
     # timestep_freq_shift=1 reproduces diffusers' (half - 1) denominator in the timestep frequencies.
     ours = our_model(freq_shift=1)
@@ -115,18 +122,12 @@ def test_original_dit_frequencies_equal_diffusers_with_shift_zero():
     # downscale_freq_shift attribute at every call, so setting it to 0 in every block (each block has its
     # own copy of the embedder, and the final layer reads block 0's) turns diffusers into the original DiT.
     ours = our_model(freq_shift=0)
-    theirs = load_into_diffusers(ours)
-    for block in theirs.transformer_blocks:
-        block.norm1.emb.time_proj.downscale_freq_shift = 0
-    out, ref = run_both(ours, theirs)
+    out, ref = run_both(ours, diffusers_with_original_frequencies(ours))
     assert (out - ref).abs().max().item() <= 1e-5
 
 
 def test_frequency_shift_matters():
     # Guard that the two tests above are not vacuous: the shift changes the output for t > 0.
     ours = our_model(freq_shift=1)
-    theirs = load_into_diffusers(ours)
-    for block in theirs.transformer_blocks:
-        block.norm1.emb.time_proj.downscale_freq_shift = 0
-    out, ref = run_both(ours, theirs)
+    out, ref = run_both(ours, diffusers_with_original_frequencies(ours))
     assert (out - ref).abs().max().item() > 1e-3
