@@ -14,7 +14,7 @@ from flexdit.checkpoints import LoadedCheckpoint, dit_state_dict, load_checkpoin
 from flexdit.diffusion.respace import sampler_timesteps
 from flexdit.distributed import init_from_env, shutdown
 from flexdit.errors import FlexDiTError
-from flexdit.measure.bench import DTYPES, bench
+from flexdit.measure.bench import DTYPES, bench, time_cases
 from flexdit.measure.flops import flops_report
 from flexdit.models.dit import DiT, DiTConfig, create_model, model_config
 from flexdit.models.from_dense import ConversionReport
@@ -103,20 +103,6 @@ def cmd_convert(args) -> None:
         print(f"  note: {note}")
 
 
-def _time_forward(model: DiT, t: int, repeats: int, seed: int) -> float:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, model.in_channels, *model.config.input_size, generator=g)
-    tt, y = torch.tensor([t]), torch.tensor([0])
-    times = []
-    with torch.inference_mode():
-        model(x, tt, y)  # warm-up
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(x, tt, y)
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def cmd_demo(args) -> None:
     """Dense checkpoint in the original DiT layout -> FlexDiT, with the summary and a forward-pass timing."""
     torch.manual_seed(args.seed)
@@ -136,14 +122,13 @@ def cmd_demo(args) -> None:
     print_summary(model_summary(loaded.model), loaded.conversion)
 
     flex = load_checkpoint(flex_path).model
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    grids = [flex.density.grid(t, flex.token_grid) for t in (0, NUM_TIMESTEPS - 1)]
     print(f"3. one forward pass, batch 1, fp32, CPU ({torch.get_num_threads()} threads), median of {args.repeats}:")
-    dense_ms = _time_forward(dense, 0, args.repeats, args.seed) * 1e3
-    print(f"  {'dense':<16} {dense_ms:8.1f} ms")
-    for t in (0, NUM_TIMESTEPS - 1):
-        grid = "x".join(map(str, flex.density.grid(t, flex.token_grid)))
-        ms = _time_forward(flex, t, args.repeats, args.seed) * 1e3
-        print(f"  {f'FlexDiT t={t} {grid}':<16} {ms:8.1f} ms   {dense_ms / ms:.2f}x")
+    dense_s, *flex_s = time_cases([(dense, None)] + [(flex, g) for g in grids], batch=1, repeats=args.repeats,
+                                  warmup=1, device=torch.device("cpu"), dtype=torch.float32)
+    print(f"  {'dense':<18} {dense_s * 1e3:8.1f} ms")
+    for t, grid, s in zip((0, NUM_TIMESTEPS - 1), grids, flex_s):
+        print(f"  {f'FlexDiT t={t} {grid[0]}x{grid[1]}':<18} {s * 1e3:8.1f} ms   {dense_s / s:.2f}x")
 
 
 def cmd_extract_latents(args) -> None:
