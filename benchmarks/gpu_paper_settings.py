@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from flexdit.diffusion.respace import sampler_timesteps
 from flexdit.measure.bench import bench
 from flexdit.models.dit import DiT, model_config
+from flexdit.sampling import plan
 from flexdit.schedule import DensitySchedule
 
 SETTINGS = [(256, (0.61, 0.86)), (512, (0.61, 0.86)), (512, (0.90, 0.96))]
@@ -34,7 +34,7 @@ def main() -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("benchmarks/gpu_paper_settings.py: no CUDA GPU visible; run it on a GPU machine (or --device cpu)")
     torch.backends.cuda.matmul.allow_tf32 = True
-    timesteps = sampler_timesteps("ddpm", 250)
+    timesteps = plan("ddpm", 250).timesteps
     rows = []
     for image_size, (r_min, r_max) in SETTINGS:
         for batch in (int(b) for b in args.batches.split(",")):

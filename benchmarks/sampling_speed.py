@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from flexdit.distributed import resolve_device
-from flexdit.measure.bench import DTYPES, bench
+from flexdit.distributed import DTYPES, resolve_device
+from flexdit.measure.bench import bench
 from flexdit.models.dit import DiT, model_config
 from flexdit.sampling import plan, sample
 from flexdit.schedule import parse_density

@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 
 from flexdit.diffusion.gaussian import GaussianDiffusion
-from flexdit.distributed import resolve_device
-from flexdit.measure.bench import DTYPES
+from flexdit.distributed import DTYPES, resolve_device
 from flexdit.models.dit import DiT, model_config
 from flexdit.schedule import TimestepIntervals, parse_density
 

@@ -14,7 +14,6 @@ import math
 import os
 import pickle
 import re
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from flexdit.errors import FlexDiTError
+from flexdit.io import atomic_write
 from flexdit.models.dit import HEADS_BY_HIDDEN, DiT, DiTConfig
 from flexdit.models.from_dense import ConversionReport, flexdit_from_dense
 from flexdit.models.layout import Layout
@@ -108,26 +108,10 @@ def retarget(loaded: LoadedCheckpoint, layout: Layout | str | None = None,
 
 
 def save_model(model: DiT, path: str | os.PathLike) -> None:
-    """safetensors + JSON config in its metadata, written to a temporary file and renamed (atomic)."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FlexDiTError(f"cannot create the folder for {path}: {e.strerror}") from None
+    """safetensors + JSON config in its metadata, written atomically."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": "flexdit", METADATA_KEY: json.dumps(model.config.to_dict())}
-    # A short temporary name in the same folder: os.replace is atomic there, and long names still fit.
-    tmp = path.parent / f".flexdit-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    except (OSError, SafetensorError) as e:
-        tmp.unlink(missing_ok=True)
-        reason = getattr(e, "strerror", None) or _first_line(e)
-        raise FlexDiTError(f"cannot write {path}: {reason}") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def _first_line(e: BaseException) -> str:
@@ -157,7 +141,10 @@ def _read(path: str, weights: str | None) -> tuple[State, dict | None, dict | No
         except (SafetensorError, OSError, ValueError) as e:
             raise FlexDiTError(f"{path} is not a readable safetensors file ({e})") from None
         return _unwrap_prefixes(state), metadata, None
-    return _unwrap(_torch_load(p), path, weights), None, None
+    obj = _torch_load(p)
+    # flexdit training checkpoints carry their model config: read them like our safetensors files.
+    metadata = {METADATA_KEY: obj["model_config"]} if isinstance(obj.get("model_config"), str) else None
+    return _unwrap(obj, path, weights), metadata, None
 
 
 def _torch_load(p: Path) -> dict:
@@ -216,7 +203,10 @@ def _read_diffusers_folder(p: Path) -> tuple[State, None, dict]:
         raise FlexDiTError(f"cannot read {config_file}: {e}") from None
     for name in ("diffusion_pytorch_model.safetensors", "model.safetensors"):
         if (p / name).exists():
-            return load_file(str(p / name)), None, config
+            try:
+                return load_file(str(p / name)), None, config
+            except (SafetensorError, OSError) as e:
+                raise FlexDiTError(f"{p / name} is not a readable safetensors file ({_first_line(e)})") from None
     if (p / "diffusion_pytorch_model.bin").exists():
         return _unwrap(_torch_load(p / "diffusion_pytorch_model.bin"), str(p), None), None, config
     raise FlexDiTError(f"folder {p} has a config.json but no diffusion_pytorch_model.safetensors or .bin")

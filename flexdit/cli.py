@@ -11,17 +11,18 @@ import torch
 from tqdm import tqdm
 
 from flexdit.checkpoints import LoadedCheckpoint, dit_state_dict, load_checkpoint, retarget
-from flexdit.diffusion.respace import sampler_timesteps
-from flexdit.distributed import init_from_env, shutdown
+from flexdit.distributed import DTYPES, init_from_env, shutdown
 from flexdit.errors import FlexDiTError
-from flexdit.measure.bench import DTYPES, bench, time_cases
+from flexdit.io import atomic_write
+from flexdit.measure.bench import bench, time_cases
 from flexdit.measure.flops import flops_report
 from flexdit.models.dit import DiT, DiTConfig, create_model, model_config
 from flexdit.models.from_dense import ConversionReport
 from flexdit.models.layout import Layout
 from flexdit.nn.blocks import GEN
-from flexdit.sampling import decode, image_grid, load_vae, plan, sample
+from flexdit.sampling import SAMPLERS, decode, image_grid, plan, sample
 from flexdit.schedule import NUM_TIMESTEPS, parse_density
+from flexdit.vae import load_vae
 
 SUMMARY_TIMESTEPS = (0, 249, 500, 750, 999)
 
@@ -159,7 +160,7 @@ def _target_config(args, flexdit: bool = False) -> DiTConfig:
     return model_config(name, args.image_size // 8, layout=args.layout, density=density)
 
 
-def _flexdit_gflops_table(report, steps: int) -> None:
+def _flexdit_gflops_table(report) -> None:
     print(f"  {'grid':<8} {'steps':>6} {'GFLOPs':>9}")
     for grid, gflops in sorted(report.per_grid.items(), key=lambda kv: -kv[1]):
         print(f"  {grid:<8} {report.steps_per_grid[grid]:>6} {gflops:>9.2f}")
@@ -167,19 +168,20 @@ def _flexdit_gflops_table(report, steps: int) -> None:
 
 def cmd_flops(args) -> None:
     config = _target_config(args)
-    timesteps = sampler_timesteps(args.sampler, args.steps)
-    report = flops_report(config, timesteps)
+    the_plan = plan(args.sampler, args.steps)
+    report = flops_report(config, the_plan.timesteps)
     result = {"model": args.ckpt or args.model, "layout": str(Layout(config.layout)), "density": config.density,
-              "input_size": list(config.input_size), "sampler": args.sampler, "steps": args.steps, **report.to_dict()}
+              "input_size": list(config.input_size), "sampler": args.sampler, "steps": the_plan.steps,
+              **report.to_dict()}
     if args.json:
         print(json.dumps(result, indent=2))
         return
     print(f"{result['model']}  layout {result['layout']}  latent {config.input_size[0]}x{config.input_size[1]}  "
-          f"{args.sampler} {args.steps} steps")
+          f"{args.sampler} {the_plan.steps} steps")
     print(f"  GFLOPs (multiply-adds, one forward, one image): {report.gflops:.2f}   dense: {report.dense_gflops:.2f}   "
           f"ratio {report.dense_gflops / report.gflops:.2f}x   saving {100 * report.saving:.1f}%")
     if GEN in config.layout:
-        _flexdit_gflops_table(report, args.steps)
+        _flexdit_gflops_table(report)
 
 
 def cmd_bench(args) -> None:
@@ -187,7 +189,8 @@ def cmd_bench(args) -> None:
     if GEN not in config.layout:
         raise FlexDiTError("bench compares dense with a FlexDiT; give a FlexDiT layout, not --layout dense")
     flex = DiT(config)
-    timesteps = sampler_timesteps(args.sampler, args.steps)
+    the_plan = plan(args.sampler, args.steps)
+    timesteps = the_plan.timesteps
     units = args.warmup + args.repeats + 2  # timing rounds over every (model, grid), then memory of each model
 
     def progress(message: str) -> None:
@@ -198,7 +201,7 @@ def cmd_bench(args) -> None:
         result = bench(flex, timesteps, args.device, args.dtype, args.batch, args.repeats, args.warmup, args.compile,
                        progress=progress)
     result.update(model=args.ckpt or args.model, layout=str(flex.layout), density=config.density,
-                  input_size=list(config.input_size), sampler=args.sampler, steps=args.steps)
+                  input_size=list(config.input_size), sampler=args.sampler, steps=the_plan.steps)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -230,15 +233,6 @@ def _writable(path: str | None) -> None:
         raise FlexDiTError(f"cannot write {path}: {e.strerror}; choose another output path") from None
 
 
-def _save_atomic(path: str, write) -> None:
-    tmp = Path(path).resolve().parent / f".flexdit-{os.getpid()}.tmp{Path(path).suffix}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _sample_labels(args, num_classes: int) -> list[int]:
     if args.classes:
         try:
@@ -251,6 +245,10 @@ def _sample_labels(args, num_classes: int) -> list[int]:
 
 
 def cmd_sample(args) -> None:
+    if args.vae == "none" and not args.npz:
+        raise FlexDiTError("--vae none keeps latents, which only an npz can hold; add --npz PATH")
+    if args.npz and not args.npz.endswith(".npz"):
+        args.npz += ".npz"  # numpy would add it to the file anyway
     out_png = args.out or (None if args.npz else "samples.png")
     for path in (out_png, args.npz):
         _writable(path)
@@ -261,6 +259,9 @@ def cmd_sample(args) -> None:
         options = _load_options(args)
         model = load_checkpoint(args.ckpt, **options).model.to(device, DTYPES[args.dtype])
         labels = _sample_labels(args, model.config.num_classes)
+        if len(labels) < ctx.world_size:
+            raise FlexDiTError(f"{len(labels)} samples cannot be shared by {ctx.world_size} processes; ask for at "
+                               "least one sample per process")
         the_plan = plan(args.sampler, args.steps)
         vae = None
         if args.vae and args.vae != "none":
@@ -294,7 +295,7 @@ def _gather_and_write(ctx, args, arrays: np.ndarray, mine: list[int], labels: li
     """Each rank writes its shard beside the output; rank 0 merges them in sample order."""
     if ctx.world_size > 1:
         shard = f"{args.npz or out_png}.rank{ctx.rank}.npz"
-        _save_atomic(shard, lambda tmp: np.savez(tmp, arr=arrays, idx=np.array(mine)))
+        atomic_write(shard, lambda tmp: np.savez(tmp, arr=arrays, idx=np.array(mine)))
         ctx.barrier()
         if not ctx.is_main:
             return
@@ -306,13 +307,15 @@ def _gather_and_write(ctx, args, arrays: np.ndarray, mine: list[int], labels: li
     label_array = np.array(labels, dtype=np.int64)
     if args.npz:
         key = "latents" if args.vae == "none" else "arr_0"
-        _save_atomic(args.npz, lambda tmp: np.savez(tmp, **{key: arrays, ("labels" if key == "latents" else "arr_1"): label_array}))
+        labels_key = "labels" if key == "latents" else "arr_1"
+        atomic_write(args.npz, lambda tmp: np.savez(tmp, **{key: arrays, labels_key: label_array}))
         print(f"wrote {args.npz}: {key} {arrays.dtype} {tuple(arrays.shape)}, labels")
     if out_png and args.vae != "none":
         from PIL import Image
 
         grid = image_grid(arrays[: args.grid_max])
-        _save_atomic(out_png, lambda tmp: Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(tmp, format="PNG"))
+        image = Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid)
+        atomic_write(out_png, lambda tmp: image.save(tmp, format="PNG"))
         print(f"wrote {out_png}: a grid of {min(len(arrays), args.grid_max)} images")
 
 
@@ -367,8 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
         group = p.add_mutually_exclusive_group()
         group.add_argument("--density", metavar="R_MIN,R_MAX", help="temporal schedule (FlexDiT default 0.61,0.86)")
         group.add_argument("--grid", metavar="G", help="a fixed sparse grid, G or HxW")
-        p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="whose timesteps to average over")
-        p.add_argument("--steps", type=int, default=250)
+        p.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="whose timesteps to average over")
+        p.add_argument("--steps", type=int, help="default: ddpm 250, ddim 50, dpm 20")
         p.add_argument("--json", action="store_true", help="print one JSON object")
         p.set_defaults(func=func)
         if name == "bench":
@@ -386,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--num-samples", "--num", dest="num", type=int, default=16,
                      help="number of samples, classes cycling 0..K-1 (default 16); under torchrun write "
                           "--num-samples (torchrun reads --num as its own --numa-binding)")
-    p.add_argument("--sampler", choices=("ddpm", "ddim", "dpm"), default="ddpm")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
     p.add_argument("--steps", type=int, help="default: ddpm 250, ddim 50, dpm 20")
     p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (1 = off, no doubled batch)")
     p.add_argument("--cfg-channels", choices=("3", "all"), default="3",

@@ -23,6 +23,9 @@ class Dist:
             dist.barrier()
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def resolve_device(device: str | None) -> torch.device:
     """'auto' (or None): the GPU if there is one, else the CPU; 'cuda' without a GPU is a clear error."""
     if device in (None, "auto"):
@@ -40,8 +43,8 @@ def init_from_env(device: str | None = None) -> tuple[Dist, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device(f"cuda:{local}")  # one GPU per local rank
+    if dev.type == "cuda" and (dev.index is None or world > 1):
+        dev = torch.device(f"cuda:{local}")  # one GPU per local rank (under torchrun whatever index was named)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():

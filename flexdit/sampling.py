@@ -11,12 +11,14 @@ import torch
 from tqdm import tqdm
 
 from flexdit.diffusion.gaussian import GaussianDiffusion
+from flexdit.diffusion.respace import space_timesteps
 from flexdit.errors import FlexDiTError
 from flexdit.models.dit import DiT
+from flexdit.schedule import NUM_TIMESTEPS
+from flexdit.vae import LATENT_SCALE
 
 SAMPLERS = ("ddpm", "ddim", "dpm")
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm": 20}
-LATENT_SCALE = 0.18215  # sd-vae-ft-ema/mse latents as DiT uses them
 
 
 @dataclass
@@ -54,7 +56,12 @@ def _dpm_scheduler(steps: int):
     return scheduler
 
 
+def _spacing(sampler: str, steps: int) -> str:
+    return str(steps) if sampler == "ddpm" else f"ddim{steps}"
+
+
 def plan(sampler: str, steps: int | None = None) -> SamplerPlan:
+    """The integer timesteps (descending) at which `sampler` calls the model, one forward pass each."""
     if sampler not in SAMPLERS:
         raise FlexDiTError(f"unknown sampler {sampler!r}; choose {', '.join(SAMPLERS)}")
     steps = DEFAULT_STEPS[sampler] if steps is None else steps
@@ -62,19 +69,20 @@ def plan(sampler: str, steps: int | None = None) -> SamplerPlan:
         raise FlexDiTError(f"steps must be at least 1, got {steps}")
     if sampler == "dpm":
         return SamplerPlan(sampler, steps, [int(t) for t in _dpm_scheduler(steps).timesteps])
-    diffusion = GaussianDiffusion(str(steps) if sampler == "ddpm" else f"ddim{steps}")
-    return SamplerPlan(sampler, steps, diffusion.timesteps[::-1])
+    return SamplerPlan(sampler, steps, space_timesteps(NUM_TIMESTEPS, _spacing(sampler, steps))[::-1])
 
 
 @torch.no_grad()
 def sample(model: DiT, labels: torch.Tensor | list[int], sampler: str = "ddpm", steps: int | None = None,
            cfg_scale: float = 1.0, guided_channels: int | None = 3, eta: float = 0.0, seed: int = 0,
            sample_indices: list[int] | None = None, progress: bool = False) -> torch.Tensor:
-    """Latents (B, C, H, W) for class `labels`, on the model's device and dtype.
+    """Latents (B, C, H, W), float32, on the model's device, for class `labels`.
 
-    cfg_scale > 1 guides with the null class (guided_channels=3: the original DiT's first three channels;
-    None: all noise channels); cfg_scale == 1 runs the plain conditional model (no doubled batch).
-    sample_indices give each sample's seed index (default 0..B-1) so shards reproduce a single run.
+    The sampler's state stays in float32 whatever the model's dtype (a bf16 model only computes in bf16),
+    so no rounding accumulates over the steps. cfg_scale > 1 guides with the null class
+    (guided_channels=3: the original DiT's first three channels; None: all noise channels); cfg_scale == 1
+    runs the plain conditional model (no doubled batch). sample_indices give each sample's seed index
+    (default 0..B-1) so shards reproduce a single run.
     """
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
@@ -89,57 +97,37 @@ def sample(model: DiT, labels: torch.Tensor | list[int], sampler: str = "ddpm", 
     indices = list(range(len(labels))) if sample_indices is None else list(sample_indices)
     generators = _sample_generators(seed, indices)
     shape = (model.in_channels, *model.config.input_size)
-    x = _randn(generators, shape, device, dtype)
+    x = _randn(generators, shape, device, torch.float32)
     y = labels.to(device)
     if guided:
         y = torch.cat([y, torch.full_like(y, model.config.num_classes)])
 
     def model_output(x: torch.Tensor, t: int) -> torch.Tensor:
         tt = torch.full((y.shape[0],), t, device=device, dtype=torch.long)
+        x = x.to(dtype)
         if guided:
-            out = model.forward_with_cfg(torch.cat([x, x]), tt, y, cfg_scale, guided_channels)
-            return out[: x.shape[0]]
-        return model(x, tt, y)
+            return model.forward_with_cfg(torch.cat([x, x]), tt, y, cfg_scale, guided_channels)[: x.shape[0]].float()
+        return model(x, tt, y).float()
 
     bar = tqdm(total=len(the_plan.timesteps), desc=f"{sampler} {the_plan.steps} steps", disable=not progress,
                leave=False)
     if sampler == "dpm":
         scheduler = _dpm_scheduler(the_plan.steps)
         for t in the_plan.timesteps:
-            eps = model_output(x, t)[:, : model.in_channels]
-            x = scheduler.step(eps.float(), t, x.float()).prev_sample.to(dtype)
+            x = scheduler.step(model_output(x, t)[:, : model.in_channels], t, x).prev_sample
             bar.update(1)
-        bar.close()
-        return x
-    diffusion = GaussianDiffusion(str(the_plan.steps) if sampler == "ddpm" else f"ddim{the_plan.steps}",
-                                  learn_sigma=model.config.learn_sigma)
-    for step in range(diffusion.num_steps - 1, -1, -1):
-        out = model_output(x, diffusion.timesteps[step]).float()
-        bar.update(1)
-        noise = _randn(generators, shape, device, torch.float32)
-        if sampler == "ddpm":
-            x = diffusion.ddpm_step(out, x.float(), step, noise).to(dtype)
-        else:
-            x = diffusion.ddim_step(out, x.float(), step, noise, eta).to(dtype)
+    else:
+        diffusion = GaussianDiffusion(_spacing(sampler, the_plan.steps), learn_sigma=model.config.learn_sigma)
+        for step, t in zip(range(diffusion.num_steps - 1, -1, -1), the_plan.timesteps):
+            out = model_output(x, t)
+            if sampler == "ddpm":
+                x = diffusion.ddpm_step(out, x, step, _randn(generators, shape, device, torch.float32))
+            else:
+                noise = _randn(generators, shape, device, torch.float32) if eta > 0 else None
+                x = diffusion.ddim_step(out, x, step, noise, eta)
+            bar.update(1)
     bar.close()
     return x
-
-
-def load_vae(path: str, device: torch.device | str = "cpu"):
-    """A diffusers AutoencoderKL from a local folder (sd-vae-ft-ema / -mse layout)."""
-    import os
-
-    if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
-        raise FlexDiTError(f"VAE folder not found or without config.json: {path}; give a local diffusers "
-                           "AutoencoderKL folder (e.g. sd-vae-ft-ema) or --vae none")
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError:
-        raise FlexDiTError("decoding latents uses diffusers' AutoencoderKL: pip install diffusers") from None
-    try:
-        return AutoencoderKL.from_pretrained(path, local_files_only=True).to(device).eval()
-    except (OSError, ValueError) as e:
-        raise FlexDiTError(f"cannot load the VAE at {path}: {str(e).splitlines()[0]}") from None
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from PIL import Image
 
 from flexdit.cli import main
 from flexdit.errors import FlexDiTError
-from flexdit.sampling import LATENT_SCALE, load_vae
+from flexdit.vae import LATENT_SCALE, load_vae
 from flexdit.training.data import (FashionMNISTData, ImageFolderData, LatentsData, center_crop_arr, load_image,
                                    open_dataset)
 

@@ -4,19 +4,20 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from flexdit.diffusion.respace import sampler_timesteps, space_timesteps
+from flexdit.diffusion.respace import space_timesteps
 from flexdit.errors import FlexDiTError
 from flexdit.measure.bench import bench
 from flexdit.measure.flops import block_macs, flops_report, model_macs
 from flexdit.measure.memory import LiveTensorBytes
 from flexdit.models.dit import DiT, model_config
 from flexdit.models.layout import Layout
+from flexdit.sampling import plan
 from flexdit.nn.blocks import DENSE, GEN, POOL, RECOVER, SPARSE
 from flexdit.schedule import DensitySchedule, FixedGrid
 
 from conftest import tiny_config
 
-DDPM_250 = sampler_timesteps("ddpm", 250)
+DDPM_250 = plan("ddpm", 250).timesteps
 
 
 # --- the counter ---------------------------------------------------------------------------------------
@@ -79,7 +80,7 @@ def test_xl_256_low_pruning_setting_is_explained():
 
 def test_report_averages_over_the_sampler_steps():
     config = tiny_config(Layout.parse("1+1x1-2-1-1+1"), input_size=(32, 32), density={"r_min": 0.3, "r_max": 0.9})
-    timesteps = sampler_timesteps("ddim", 50)
+    timesteps = plan("ddim", 50).timesteps
     report = flops_report(config, timesteps)
     assert sum(report.steps_per_grid.values()) == 50
     grids = DensitySchedule(0.3, 0.9).grids(torch.tensor(timesteps), config.token_grid)
@@ -110,11 +111,25 @@ def test_respacing_follows_the_original():
     assert space_timesteps(1000, "1000") == list(range(1000))
 
 
+def adm_space(size: int, count: int) -> list[int]:
+    """ADM's respacing loop, written out: an accumulated float stride, rounded at each step."""
+    stride, position, taken = (size - 1) / (count - 1) if count > 1 else 1, 0.0, []
+    for _ in range(count):
+        taken.append(round(position))
+        position += stride
+    return taken
+
+
+@pytest.mark.parametrize("count", [1, 10, 21, 35, 45, 50, 250, 999])
+def test_respacing_rounds_like_adm(count):
+    assert space_timesteps(1000, str(count)) == adm_space(1000, count)
+
+
 def test_respacing_errors():
     with pytest.raises(FlexDiTError, match="at least 1"):
-        sampler_timesteps("ddpm", 0)
+        plan("ddpm", 0)
     with pytest.raises(FlexDiTError, match="sampler"):
-        sampler_timesteps("euler", 10)
+        plan("euler", 10)
     with pytest.raises(FlexDiTError, match="1001"):
         space_timesteps(1000, "1001")
     with pytest.raises(FlexDiTError, match="DDIM"):
@@ -138,7 +153,7 @@ def test_live_tensor_bytes_tracks_allocation_and_release():
 def test_bench_compares_dense_and_flexdit_side_by_side():
     config = tiny_config(Layout.parse("1+2x1-3-1-0+1"), input_size=(32, 32), hidden_size=64,
                          density={"r_min": 0.6, "r_max": 0.9})
-    result = bench(DiT(config), sampler_timesteps("ddim", 10), device="cpu", repeats=1, warmup=0)
+    result = bench(DiT(config), plan("ddim", 10).timesteps, device="cpu", repeats=1, warmup=0)
     assert result["speedup"] == pytest.approx(result["dense"]["ms"] / result["flexdit"]["ms"])
     assert result["flops_ratio"] == pytest.approx(result["dense"]["gflops"] / result["flexdit"]["gflops"])
     assert result["flops_ratio"] > 1

@@ -170,7 +170,7 @@ def test_decode_pixels_and_vae(tmp_path):
 
     vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4, sample_size=16)
     vae.save_pretrained(tmp_path / "vae")
-    from flexdit.sampling import load_vae
+    from flexdit.vae import load_vae
 
     loaded = load_vae(str(tmp_path / "vae"))
     images = decode(torch.randn(2, 4, 8, 8), loaded)
@@ -235,3 +235,30 @@ def test_two_process_sampling_equals_one(tmp_path, pixel_ckpt):
     assert np.array_equal(two["arr_1"], one["arr_1"])
     assert np.abs(two["arr_0"].astype(int) - one["arr_0"].astype(int)).max() <= 1  # rounding at 127.5 steps
     assert not [p for p in os.listdir(tmp_path) if ".rank" in p]
+
+
+def test_guidance_never_touches_the_variance_of_a_one_channel_model():
+    model = randomize(DiT(tiny_config(in_channels=1)), seed=4).eval()  # outputs eps and variance: 2 channels
+    x = torch.randn(2, 1, 16, 16)
+    t, y = torch.tensor([300, 300]), torch.tensor([2, 10])
+    with torch.no_grad():
+        raw = model(torch.cat([x[:1], x[:1]]), t, y)
+        guided = model.forward_with_cfg(x, t, y, 4.0)
+    assert torch.equal(guided[:, 1], raw[:, 1])  # the variance channel is passed through
+    assert not torch.allclose(guided[0, 0], raw[0, 0])
+
+
+def test_low_precision_models_sample_with_a_float32_state():
+    model = flex_model().to(torch.bfloat16)
+    out = sample(model, [1, 2], "ddim", 3, seed=0)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_keeping_latents_needs_an_npz(tmp_path, capsys, pixel_ckpt):
+    with pytest.raises(SystemExit):
+        main(["sample", "--ckpt", str(pixel_ckpt), "--vae", "none", "--device", "cpu"])
+    assert "--npz" in capsys.readouterr().err
+    main(["sample", "--ckpt", str(pixel_ckpt), "--vae", "none", "--num-samples", "2", "--steps", "2",
+          "--sampler", "ddim", "--device", "cpu", "--npz", str(tmp_path / "latents")])  # .npz is added
+    data = np.load(tmp_path / "latents.npz")
+    assert data["latents"].shape == (2, 3, 16, 16) and data["labels"].tolist() == [0, 1]

@@ -207,3 +207,18 @@ def test_custom_size_from_scratch(tmp_path, data):
     assert model.layout.is_dense and c.input_size == (32, 32)
     with pytest.raises(FlexDiTError, match="--hidden-size and --depth"):
         train(TrainArgs(data=str(data), init=str(tmp_path / "ema.safetensors"), hidden_size=64, out=str(tmp_path / "x")))
+
+
+def test_training_checkpoints_load_and_a_cut_log_line_is_dropped(tmp_path, data, dense_ckpt):
+    out = tmp_path / "run"
+    train(args(data, dense_ckpt, out, steps=4, ckpt_every=2, log_every=1))
+    ckpt = latest_checkpoint(str(out))
+    model = load(ckpt)  # the EMA weights with the run's config
+    assert model.layout.kinds == Layout.parse(FLEX_LAYOUT).kinds
+    assert torch.equal(model.blocks[0].attn.v.weight, load(out / "ema.safetensors").blocks[0].attn.v.weight)
+    with (out / "log.jsonl").open("a") as f:
+        f.write('{"step": 5, "lo')  # a kill in the middle of a log write
+    (out / "checkpoints" / ".flexdit-tmp-123-step-0000006.pt").write_bytes(b"partial")
+    train(args(data, dense_ckpt, out, steps=6, ckpt_every=2, log_every=1, resume=True))
+    assert [r["step"] for r in log(out)] == [1, 2, 3, 4, 5, 6]
+    assert not list((out / "checkpoints").glob(".flexdit-tmp-*"))

@@ -21,8 +21,8 @@ def linear_betas(num_timesteps: int = NUM_TIMESTEPS) -> np.ndarray:
 
 
 def _take(arr: np.ndarray, i: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """arr[i] broadcast to like's shape (B, 1, 1, ...)."""
-    values = torch.from_numpy(arr).to(like.device)[i.to(like.device)].to(like.dtype)
+    """arr[i] broadcast to like's shape (B, 1, 1, ...); indexed on the CPU, only the B values move."""
+    values = torch.from_numpy(arr)[i.cpu()].to(like.device, like.dtype)
     return values.view(-1, *([1] * (like.dim() - 1)))
 
 
@@ -53,12 +53,11 @@ class GaussianDiffusion:
         # log(0) at the first step is replaced by the next step's variance, as in the original.
         first = self.posterior_variance[1] if self.num_steps > 1 else self.betas[0]
         self.posterior_log_variance_clipped = np.log(np.append(first, self.posterior_variance[1:]))
+        self.log_betas = np.log(self.betas)
+        # "Fixed large" variance of models without learned sigma: beta_t, the posterior's at the first step.
+        self.fixed_large_log_variance = np.log(np.append(first, self.betas[1:]))
         self.posterior_mean_coef1 = self.betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
-
-    def model_timesteps(self, i: torch.Tensor) -> torch.Tensor:
-        """Step indices 0..S-1 -> the original integer timesteps the model is called with."""
-        return torch.tensor(self.timesteps, device=i.device)[i]
 
     # --- forward process and posterior ------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, i: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -85,14 +84,12 @@ class GaussianDiffusion:
                 raise FlexDiTError(f"a learned-sigma model must output {2 * C} channels, got {model_output.shape[1]}")
             eps, v = model_output[:, :C], model_output[:, C:]
             min_log = _take(self.posterior_log_variance_clipped, i, xt)
-            max_log = _take(np.log(self.betas), i, xt)
+            max_log = _take(self.log_betas, i, xt)
             frac = (v + 1) / 2
             log_variance = frac * max_log + (1 - frac) * min_log
         else:
             eps = model_output[:, :C]
-            large = np.log(np.append(self.posterior_variance[1] if self.num_steps > 1 else self.betas[0],
-                                     self.betas[1:]))
-            log_variance = _take(large, i, xt).expand_as(xt)
+            log_variance = _take(self.fixed_large_log_variance, i, xt).expand_as(xt)
         x0 = self.predict_x0(xt, i, eps)
         mean, _, _ = self.q_posterior(x0, xt, i)
         return mean, log_variance, x0, eps

@@ -4,7 +4,6 @@ A sampler with fewer steps than the 1000 training steps runs the model at a subs
 timesteps 0..999; the model (and so the density schedule) always sees these original integers.
 """
 from flexdit.errors import FlexDiTError
-from flexdit.schedule import NUM_TIMESTEPS
 
 
 def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -> list[int]:
@@ -28,17 +27,9 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | list[int]) -
             raise FlexDiTError(f"cannot take {count} steps from a section of {size} timesteps; "
                                f"use between 1 and {size}")
         stride = (size - 1) / (count - 1) if count > 1 else 1
-        kept += [start + round(j * stride) for j in range(count)]
+        position = 0.0  # accumulated, not j * stride: ADM's float rounding, so the same steps come out
+        for _ in range(count):
+            kept.append(start + round(position))
+            position += stride
         start += size
     return sorted(set(kept))
-
-
-def sampler_timesteps(sampler: str, steps: int) -> list[int]:
-    """The integer timesteps at which a sampler calls the model, one forward pass each."""
-    if steps < 1:
-        raise FlexDiTError(f"steps must be at least 1, got {steps}")
-    if sampler == "ddpm":
-        return space_timesteps(NUM_TIMESTEPS, [steps])
-    if sampler == "ddim":
-        return space_timesteps(NUM_TIMESTEPS, f"ddim{steps}")
-    raise FlexDiTError(f"unknown sampler {sampler!r}; choose ddpm or ddim")

@@ -8,13 +8,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flexdit.distributed import resolve_device
+from flexdit.distributed import DTYPES, resolve_device
 from flexdit.errors import FlexDiTError
 from flexdit.measure.flops import FlopsReport, flops_report
 from flexdit.measure.memory import peak_forward_memory
 from flexdit.models.dit import DiT
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass

@@ -234,7 +234,7 @@ class DiT(nn.Module):
         x and y hold the conditional half then the unconditional half (y = null class); only the first
         half of x is used. guided_channels=3 guides the first three channels as the original DiT does
         "for exact reproducibility"; None guides all in_channels noise channels (the standard form).
-        Learned-variance channels are never guided.
+        Learned-variance channels are never guided (a 1-channel model guides its one noise channel).
         """
         if not self.has_null_class:
             raise FlexDiTError("classifier-free guidance needs a model with a null class "
@@ -244,7 +244,7 @@ class DiT(nn.Module):
                                f"got {x.shape[0]}")
         half = x[: len(x) // 2]
         model_out = self.forward(torch.cat([half, half], dim=0), t, y, grid=grid)
-        n = self.in_channels if guided_channels is None else guided_channels
+        n = self.in_channels if guided_channels is None else min(guided_channels, self.in_channels)
         eps, rest = model_out[:, :n], model_out[:, n:]
         cond_eps, uncond_eps = eps.chunk(2, dim=0)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)

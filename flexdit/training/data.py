@@ -5,10 +5,10 @@ Every source answers the same two questions the trainer asks: what one sample lo
 are mirrored, is the trainer's choice from its own seeded generator, so a resumed run sees the same data.
 """
 import gzip
-from abc import ABC, abstractmethod
 import json
 import math
 import zlib
+from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from flexdit.errors import FlexDiTError
-from flexdit.sampling import LATENT_SCALE, load_vae
+from flexdit.vae import LATENT_SCALE, load_vae
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 LATENTS_FORMAT = "flexdit-latents"

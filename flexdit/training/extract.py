@@ -4,21 +4,21 @@ The output folder is complete exactly when it has meta.json: shards are written 
 renamed into place, and meta.json comes last (an interrupted run leaves no meta.json and may be rerun).
 """
 import json
-import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from flexdit.distributed import resolve_device
 from flexdit.errors import FlexDiTError
-from flexdit.sampling import LATENT_SCALE, load_vae
+from flexdit.io import TEMP_PREFIX, atomic_write, remove_stale_temporaries
 from flexdit.training.data import (LATENTS_FORMAT, META_FILE, SHARD_NAME, ImageFolderData, encode_latents,
                                    open_dataset, read_meta, shard_files, vae_latent_shape)
+from flexdit.vae import LATENT_SCALE, load_vae
 
-TEMP_PREFIX = ".tmp-"
 SHARD_RE = re.compile(r"latents-\d{5}\.safetensors")
 
 
@@ -62,7 +62,7 @@ def extract_latents(images: str, vae: str, out: str, image_size: int, batch: int
     meta = {"format": LATENTS_FORMAT, "image_size": image_size, "latent_shape": list(latent_shape),
             "num_classes": data.num_classes, "classes": data.classes, "scale": LATENT_SCALE,
             "vae": str(Path(vae).resolve()), "flip": flip, "num_samples": n}
-    _write_atomic(folder / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
+    atomic_write(folder / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
     return meta
 
 
@@ -80,8 +80,7 @@ def _prepare_output(folder: Path) -> None:
         raise FlexDiTError(f"--out {folder} is not empty and not a flexdit-latents folder; give a new or empty "
                            "folder (a previous extraction there may be overwritten)")
     (folder / META_FILE).unlink(missing_ok=True)
-    for leftover in folder.glob(f"{TEMP_PREFIX}*"):
-        leftover.unlink()
+    remove_stale_temporaries(folder)
 
 
 def _is_latents_meta(folder: Path) -> bool:
@@ -93,18 +92,4 @@ def _is_latents_meta(folder: Path) -> bool:
 
 
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    _write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Write to a temporary name in the same folder, then rename: readers never see half a file."""
-    tmp = path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{path.name}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise FlexDiTError(f"cannot write {path}: {e.strerror or e}; free disk space or choose another --out") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))

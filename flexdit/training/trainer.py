@@ -10,8 +10,6 @@ checkpoint (model, EMA, optimizer, step, data position, log window) resumes to t
 logged losses as a run that never stopped.
 """
 import json
-import math
-import os
 import time
 from copy import deepcopy
 from dataclasses import asdict, dataclass
@@ -26,15 +24,14 @@ from tqdm import tqdm
 
 from flexdit.checkpoints import load_checkpoint, retarget
 from flexdit.diffusion.gaussian import GaussianDiffusion
-from flexdit.distributed import Dist, init_from_env, shutdown
+from flexdit.distributed import DTYPES, Dist, init_from_env, shutdown
 from flexdit.errors import FlexDiTError
+from flexdit.io import atomic_write, remove_stale_temporaries
 from flexdit.models.dit import DiT, DiTConfig, model_config
-from flexdit.models.layout import Layout
-from flexdit.schedule import NUM_TIMESTEPS, DensitySchedule, FixedGrid, TimestepIntervals, parse_density
+from flexdit.schedule import NUM_TIMESTEPS, DensitySchedule, TimestepIntervals, parse_density
 from flexdit.training.data import TrainData, open_dataset
 
 CHECKPOINT_VERSION = 1
-AMP_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -120,32 +117,34 @@ def latest_checkpoint(out: str) -> Path | None:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temporary file in the same folder, then an atomic rename: a crash mid-write leaves
-    the previous checkpoint intact and no half-written file under a checkpoint name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{os.getpid()}-{path.name}"
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Atomic: a crash mid-write leaves the previous checkpoint intact and nothing under a checkpoint name."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_training_checkpoint(path: Path) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("version") != CHECKPOINT_VERSION:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign files raise many types
+        raise FlexDiTError(f"cannot read the training checkpoint {path} ({type(e).__name__}); delete it to resume "
+                           "from the one before") from None
+    if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         raise FlexDiTError(f"{path} is not a flexdit training checkpoint of version {CHECKPOINT_VERSION}")
     return state
 
 
 def _truncate_log(log_path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (the run died before the next one)."""
+    """Drop log lines written after the checkpoint we resume from (the run died before the next one),
+    including a last line cut short by the kill."""
     if not log_path.exists():
         return
-    kept = [line for line in log_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = log_path.with_name(f".{log_path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, log_path)
+    kept = []
+    for line in log_path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    atomic_write(log_path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
 
 # --- the loop ---------------------------------------------------------------------------------------------
@@ -168,8 +167,8 @@ class Trainer:
         self.args, self.ctx, self.device = args, ctx, device
         if args.batch % ctx.world_size:
             raise FlexDiTError(f"--batch {args.batch} is not divisible by the {ctx.world_size} processes")
-        if args.dtype not in AMP_DTYPES:
-            raise FlexDiTError(f"unknown --dtype {args.dtype}; choose {', '.join(AMP_DTYPES)}")
+        if args.dtype not in DTYPES:
+            raise FlexDiTError(f"unknown --dtype {args.dtype}; choose {', '.join(DTYPES)}")
         if args.dtype == "fp16" and device.type != "cuda":
             raise FlexDiTError("fp16 training needs a CUDA GPU (loss scaling); use --dtype bf16 on CPU")
         for name in ("steps", "ckpt_every", "log_every", "batch", "keep"):
@@ -186,6 +185,7 @@ class Trainer:
         self.log_path = self.out / "log.jsonl"
         self.step, self.epoch, self.position = 0, 0, 0
         self.window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "count": 0}
+        self._order: tuple[int, torch.Tensor | None] = (-1, None)  # (epoch, permutation), a pure function of both
 
         resume_from = latest_checkpoint(args.out) if args.resume else None
         if args.resume and resume_from is None and ctx.is_main:
@@ -218,7 +218,8 @@ class Trainer:
         if state is not None:
             set_optimizer_state_dict(self.model, self.opt, state["opt"], options=StateDictOptions(full_state_dict=True))
             self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
-            self.window = state["log_window"]
+            if ctx.is_main:  # the saved window holds every rank's sums; the others restart from zero
+                self.window = state["log_window"]
             if ctx.is_main:
                 _truncate_log(self.log_path, self.step)
         self.model.grad_checkpointing = args.grad_checkpointing
@@ -251,7 +252,9 @@ class Trainer:
         n, B = len(self.data), self.args.batch
         if self.position + B > n:
             self.epoch, self.position = self.epoch + 1, 0
-        order = _epoch_order(self.args.seed, self.epoch, n)
+        if self._order[0] != self.epoch:
+            self._order = (self.epoch, _epoch_order(self.args.seed, self.epoch, n))
+        order = self._order[1]
         mine = order[self.position + self.ctx.rank * self.local_batch: self.position + (self.ctx.rank + 1) * self.local_batch]
         self.position += B
         return mine
@@ -279,13 +282,16 @@ class Trainer:
         noise = torch.randn(x.shape, generator=g)
         x, y, t, noise = (a.to(self.device) for a in (x, y, t, noise))
         xt = self.diffusion.q_sample(x, t, noise)
-        amp = AMP_DTYPES[self.args.dtype]
-        with torch.autocast(self.device.type, dtype=amp, enabled=amp is not None):
+        with torch.autocast(self.device.type, dtype=DTYPES[self.args.dtype], enabled=self.args.dtype != "fp32"):
             out = self.train_model(xt, t, y, grid=grid)
         terms = self.diffusion.training_losses(out, x, xt, t, noise)
         loss = terms["loss"].mean()
-        if not torch.isfinite(loss):
-            raise FlexDiTError(f"the loss became {loss.item()} at step {self.step}; lower --lr or use --dtype fp32")
+        finite = torch.isfinite(loss.detach()).float()
+        if self.ctx.world_size > 1:  # every rank stops together instead of hanging in the gradient all-reduce
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not finite.item():
+            raise FlexDiTError(f"the loss is not finite at step {self.step} (on some rank); lower --lr or use "
+                               "--dtype fp32")
         self.opt.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -302,11 +308,7 @@ class Trainer:
 
     # --- bookkeeping --------------------------------------------------------------------------------------
     def _log(self, last: dict, steps_per_s: float) -> dict:
-        w = self.window
-        sums = torch.tensor([w["loss"], w["mse"], w["vb"], w["count"]], dtype=torch.float64)
-        if self.ctx.world_size > 1:
-            dist.all_reduce(sums)  # gloo/NCCL: average over ranks (each rank's window has the same count)
-        loss, mse, vb, count = sums.tolist()
+        loss, mse, vb, count = self._global_window()
         record = {"step": self.step, "loss": loss / count, "mse": mse / count, "vb": vb / count,
                   "grid": last["grid"], "interval": last["interval"], "steps_per_s": steps_per_s,
                   "lr": self.args.lr, "time": time.time()}
@@ -316,6 +318,14 @@ class Trainer:
                 f.write(json.dumps(record) + "\n")
         return record
 
+    def _global_window(self) -> list[float]:
+        """The open log window summed over ranks: loss, mse, vb sums and the step count."""
+        w = self.window
+        sums = torch.tensor([w["loss"], w["mse"], w["vb"], w["count"]], dtype=torch.float64, device=self.device)
+        if self.ctx.world_size > 1:
+            dist.all_reduce(sums)
+        return sums.tolist()
+
     def _state(self) -> dict:
         """Full (unsharded, CPU) state; a collective under FSDP, so every rank calls it."""
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -323,7 +333,8 @@ class Trainer:
             "version": CHECKPOINT_VERSION, "step": self.step, "epoch": self.epoch, "position": self.position,
             "model": get_model_state_dict(self.model, options=full), "ema": get_model_state_dict(self.ema, options=full),
             "opt": get_optimizer_state_dict(self.model, self.opt, options=full),
-            "log_window": dict(self.window), "model_config": json.dumps(self.model.config.to_dict()),
+            "log_window": dict(zip(("loss", "mse", "vb", "count"), self._global_window())),
+            "model_config": json.dumps(self.model.config.to_dict()),
             "train_args": json.dumps(asdict(self.args)),
         }
         if self.scaler is not None:
@@ -355,6 +366,7 @@ class Trainer:
         args = self.args
         if self.ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(checkpoint_dir(args.out))  # left by a run killed mid-write
             (self.out / "train_args.json").write_text(json.dumps(asdict(args), indent=2))
         bar = tqdm(total=args.steps, initial=self.step, disable=not self.ctx.is_main, desc="train")
         tick, tick_step = time.perf_counter(), self.step
