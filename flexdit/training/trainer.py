@@ -196,7 +196,7 @@ class Trainer:
         if resume_from is not None:
             state = load_training_checkpoint(resume_from)
             model = DiT(DiTConfig.from_dict(json.loads(state["model_config"])))
-            self._check_resume_matches(model.config, state)
+            self._check_resume_matches(state)
         else:
             model = build_model(args, self.data)
             state = None
@@ -220,7 +220,6 @@ class Trainer:
             self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
             if ctx.is_main:  # the saved window holds every rank's sums; the others restart from zero
                 self.window = state["log_window"]
-            if ctx.is_main:
                 _truncate_log(self.log_path, self.step)
         self.model.grad_checkpointing = args.grad_checkpointing
         if args.compile:
@@ -230,7 +229,7 @@ class Trainer:
             self.scaler.load_state_dict(state["grad_scaler"])
         self.train_model = self._distribute(self.model)
 
-    def _check_resume_matches(self, saved: DiTConfig, state: dict) -> None:
+    def _check_resume_matches(self, state: dict) -> None:
         """--resume must continue the same model and layout as the checkpoint."""
         saved_args = json.loads(state["train_args"])
         keys = ("init", "model", "hidden_size", "depth", "num_heads", "layout", "density", "grid", "intervals")
