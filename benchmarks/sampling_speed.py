@@ -45,8 +45,7 @@ def main() -> None:
     parser.add_argument("--out", default="results/sampling_speed.json")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    flex_name = args.model.replace("DiT-", "FlexDiT-", 1) if args.model.startswith("DiT-") else args.model
-    flex = DiT(model_config(flex_name, args.image_size // 8, density=parse_density(args.density))).eval()
+    flex = DiT(model_config(args.model, args.image_size // 8, density=parse_density(args.density))).eval()
     dense = DiT(flex.config.dense()).eval()
     for m in (flex, dense):
         m.to(device, DTYPES[args.dtype]).requires_grad_(False)

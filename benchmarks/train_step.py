@@ -70,7 +70,7 @@ def main() -> None:
     device = resolve_device(args.device)
     rows = []
     for name in args.models.split(","):
-        config = model_config(name.replace("DiT-", "FlexDiT-", 1), args.image_size // 8,
+        config = model_config(name, args.image_size // 8,
                               density=parse_density(args.density))
         dense = DiT(config.dense()).to(device).train()
         (dense_s,) = time_steps(dense, [None], args.batch, args.repeats, device, args.dtype)

@@ -149,15 +149,14 @@ def _target_config(args, flexdit: bool = False) -> DiTConfig:
     A dense name or checkpoint becomes the FlexDiT of that size with --density/--grid/--layout, or always
     when `flexdit` is set (bench compares the two)."""
     density = parse_density(args.density, args.grid)
-    wants_flex = flexdit or density is not None or args.layout not in (None, "dense")
     if args.ckpt:
         model = load_checkpoint(args.ckpt, num_heads=args.num_heads).model
-        layout = args.layout or ("default" if wants_flex and model.layout.is_dense else None)
+        layout = args.layout or ("default" if (flexdit or density is not None) and model.layout.is_dense else None)
         return retarget(LoadedCheckpoint(model, "", args.ckpt), layout, density).model.config
     if args.image_size % 8:
         raise FlexDiTError(f"--image-size {args.image_size} is not divisible by 8 (the VAE's downsampling)")
-    name = "Flex" + args.model if args.model.startswith("DiT-") and wants_flex else args.model
-    return model_config(name, args.image_size // 8, layout=args.layout, density=density)
+    layout = args.layout or ("default" if flexdit else None)
+    return model_config(args.model, args.image_size // 8, layout=layout, density=density)
 
 
 def _flexdit_gflops_table(report) -> None:

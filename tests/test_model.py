@@ -457,3 +457,12 @@ def test_runs_under_bfloat16_autocast():
             out = model(x, t, y)
     assert out.shape == ref.shape and torch.isfinite(out).all()
     assert (out.float() - ref).norm() / ref.norm() < 0.1  # bf16 has ~3 significant digits
+
+
+def test_a_dense_name_given_a_density_is_its_flexdit():
+    from flexdit.schedule import DensitySchedule
+
+    with_density = model_config("DiT-XL/2", density=DensitySchedule(0.5, 0.9))
+    assert with_density.layout == model_config("FlexDiT-XL/2").layout
+    assert with_density.density == {"r_min": 0.5, "r_max": 0.9}
+    assert model_config("DiT-XL/2", layout="dense", density=DensitySchedule(0.5, 0.9)).density is None

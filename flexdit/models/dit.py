@@ -274,14 +274,15 @@ def parse_model_name(name: str) -> tuple[bool, str, int]:
 
 def model_config(name: str, input_size: int | tuple[int, int] = 32, layout: str | Layout | None = None,
                  density: Density | None = None, depth: int | None = None, **overrides) -> DiTConfig:
-    """Config of a standard size. FlexDiT-* names get the default layout of their depth and, unless given,
-    the paper's density r in [0.61, 0.86]; `layout` overrides either (e.g. 'dense', '2+4x1-3-1-1+2').
+    """Config of a standard size. FlexDiT-* names, and DiT-* names given a density, get the default FlexDiT
+    layout of their depth and, unless given, the paper's density r in [0.61, 0.86]; `layout` overrides
+    either (e.g. 'dense', 'default', '2+4x1-3-1-1+2').
     `depth` and other DiTConfig fields (hidden_size, num_heads, ...) override the size for custom models."""
     flex, size, patch = parse_model_name(name)
     standard_depth, hidden, heads = SIZES[size]
     depth = depth or standard_depth
     if layout is None:
-        layout = Layout.default_flexdit(depth) if flex else Layout.dense(depth)
+        layout = Layout.default_flexdit(depth) if flex or density is not None else Layout.dense(depth)
     elif isinstance(layout, str):
         layout = Layout.parse(layout, depth)
     if not layout.has_sparse_tokens:

@@ -83,11 +83,8 @@ def build_model(args: TrainArgs, data: TrainData) -> DiT:
         layout = args.layout or ("default" if loaded.model.layout.is_dense else None)
         model = retarget(loaded, layout, density).model
     else:
-        name = args.model
-        if name.startswith("DiT-") and (density is not None or args.layout not in (None, "dense")):
-            name = "Flex" + name
         custom = {k: v for k, v in (("hidden_size", args.hidden_size), ("num_heads", args.num_heads)) if v}
-        model = DiT(model_config(name, (H, W), layout=args.layout, density=density, depth=args.depth,
+        model = DiT(model_config(args.model, (H, W), layout=args.layout, density=density, depth=args.depth,
                                  in_channels=C, num_classes=data.num_classes, class_dropout_prob=args.label_dropout,
                                  **custom))
     config = model.config
