@@ -1,1 +1,1 @@
-"""Measurement: FLOPs accounting, side-by-side speed and memory benchmarks."""
+"""Measurement: FLOPs accounting, side-by-side speed and memory benchmarks, fidelity (FID Inception, evaluator)."""
