@@ -9,27 +9,13 @@ one of `flexdit bench` weighted over the same timesteps.
 """
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
-import torch
-
 from flexdit.distributed import DTYPES, resolve_device
-from flexdit.measure.bench import bench
+from flexdit.measure.bench import bench, time_sampling
 from flexdit.models.dit import DiT, model_config
-from flexdit.sampling import plan, sample
+from flexdit.sampling import plan
 from flexdit.schedule import parse_density
-
-
-def time_sampling(model: DiT, labels: list[int], sampler: str, steps: int, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    sample(model, labels, sampler, steps, seed=0)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -54,11 +40,8 @@ def main() -> None:
     for item in args.samplers.split(","):
         sampler, steps = item.split(":")
         steps = int(steps)
-        sample(dense, labels, sampler, 2)  # warm-up both models
-        sample(flex, labels, sampler, 2)
-        runs = [(time_sampling(dense, labels, sampler, steps, device), time_sampling(flex, labels, sampler, steps, device))
-                for _ in range(args.repeats)]
-        dense_s, flex_s = (statistics.median(r[i] for r in runs) for i in (0, 1))
+        seconds = time_sampling({"dense": dense, "flexdit": flex}, labels, sampler, steps, repeats=args.repeats)
+        dense_s, flex_s = seconds["dense"], seconds["flexdit"]
         per_forward = bench(flex, plan(sampler, steps).timesteps, args.device, args.dtype, args.batch, repeats=9)
         end_to_end = dense_s / flex_s
         row = {"sampler": sampler, "steps": steps, "dense_s": dense_s, "flexdit_s": flex_s,

@@ -10,18 +10,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from flexdit.checkpoints import LoadedCheckpoint, dit_state_dict, load_checkpoint, retarget
-from flexdit.distributed import DTYPES, init_from_env, shutdown
+from flexdit.checkpoints import LoadedCheckpoint, load_checkpoint, retarget
+from flexdit.demo import run_demo
+from flexdit.distributed import DTYPES, init_from_env, resolve_device, shutdown
 from flexdit.errors import FlexDiTError
 from flexdit.io import atomic_write
-from flexdit.measure.bench import bench, time_cases
+from flexdit.measure.bench import bench
 from flexdit.measure.flops import flops_report
-from flexdit.models.dit import DiT, DiTConfig, create_model, model_config
+from flexdit.models.dit import DiT, DiTConfig, model_config
 from flexdit.models.from_dense import ConversionReport
 from flexdit.models.layout import Layout
 from flexdit.nn.blocks import GEN
 from flexdit.sampling import SAMPLERS, decode, image_grid, plan, sample
-from flexdit.schedule import NUM_TIMESTEPS, parse_density
+from flexdit.schedule import parse_density
 from flexdit.vae import load_vae
 
 SUMMARY_TIMESTEPS = (0, 249, 500, 750, 999)
@@ -105,31 +106,9 @@ def cmd_convert(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    """Dense checkpoint in the original DiT layout -> FlexDiT, with the summary and a forward-pass timing."""
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    latent = args.image_size // 8
-    dense = create_model(args.model, input_size=latent).eval()
-    dense_path = out / "dense_dit.pt"
-    torch.save(dit_state_dict(dense), dense_path)
-    print(f"1. wrote a randomly initialised {args.model} ({args.image_size} px) in the original DiT key layout: "
-          f"{dense_path}")
-
-    flex_path = out / "flexdit.safetensors"
-    loaded = load_checkpoint(dense_path, layout="default", density=args.density)
-    loaded.model.save(flex_path)
-    print(f"2. converted it to a FlexDiT ({flex_path}):")
-    print_summary(model_summary(loaded.model), loaded.conversion)
-
-    flex = load_checkpoint(flex_path).model
-    grids = [flex.density.grid(t, flex.token_grid) for t in (0, NUM_TIMESTEPS - 1)]
-    print(f"3. one forward pass, batch 1, fp32, CPU ({torch.get_num_threads()} threads), median of {args.repeats}:")
-    dense_s, *flex_s = time_cases([(dense, None)] + [(flex, g) for g in grids], batch=1, repeats=args.repeats,
-                                  warmup=1, device=torch.device("cpu"), dtype=torch.float32)
-    print(f"  {'dense':<18} {dense_s * 1e3:8.1f} ms")
-    for t, grid, s in zip((0, NUM_TIMESTEPS - 1), grids, flex_s):
-        print(f"  {f'FlexDiT t={t} {grid[0]}x{grid[1]}':<18} {s * 1e3:8.1f} ms   {dense_s / s:.2f}x")
+    """The shipped Fashion-MNIST dense DiT and FlexDiT, side by side: one PNG, GFLOPs, images/s, speedup."""
+    run_demo(args.out, args.dense, args.flexdit, args.per_class, args.sampler, args.steps, args.cfg, args.seed,
+             args.repeats, args.device, args.dtype)
 
 
 def cmd_extract_latents(args) -> None:
@@ -216,6 +195,45 @@ def cmd_bench(args) -> None:
     steps = result["steps_per_grid"]
     print("  FlexDiT per grid: " + ", ".join(f"{g} {ms:.1f} ms ({steps[g]} steps)"
                                            for g, ms in result["flexdit"]["per_grid_ms"].items()))
+
+
+def cmd_eval(args) -> None:
+    from flexdit.measure.evaluate import evaluate  # scipy: imported when needed, not by every command
+
+    to_stdout = args.json == "-"
+    if args.json and not to_stdout:
+        _writable(args.json)
+    result = evaluate(args.samples, args.reference, args.features, args.inception, args.batch_size,
+                      resolve_device(args.device), progress=not to_stdout)
+    text = json.dumps(result, indent=2)
+    if to_stdout:
+        print(text)
+        return
+    if args.json:
+        atomic_write(args.json, lambda tmp: tmp.write_text(text + "\n"))
+    fm = result["features"] == "fmnist"
+    n_ref = result["num_reference"]
+    print(f"{result['samples']} ({result['num_samples']} images) vs {result['reference']} "
+          f"({'statistics only' if n_ref is None else f'{n_ref} images'}"
+          f"{', precomputed statistics' if result['reference_statistics'] == 'precomputed' else ''}), "
+          f"{'Fashion-MNIST classifier' if fm else 'Inception'} features")
+    is_value = result["inception_score"]
+    rows = [("FID-FM" if fm else "FID", result["fid"]), ("sFID", result["sfid"]),
+            ("IS-FM" if fm else "IS", None if is_value is None else f"{is_value:.4f} +- {result['inception_score_std']:.4f}"),
+            ("precision", result["precision"]), ("recall", result["recall"]),
+            ("class accuracy", result["class_accuracy"])]
+    if fm:
+        rows = [row for row in rows if row[0] != "sFID"]
+    else:
+        rows = rows[:-1]
+    print(f"  {'metric':<15} {'value':>20}")
+    for name, value in rows:
+        shown = "n/a" if value is None else value if isinstance(value, str) else f"{value:.4f}"
+        print(f"  {name:<15} {shown:>20}")
+    for note in result["notes"]:
+        print(f"  note: {note}")
+    if args.json:
+        print(f"wrote {args.json}")
 
 
 def _writable(path: str | None) -> None:
@@ -441,13 +459,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", help="image folders: encode on the fly with this local VAE")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="built-in demo: a dense DiT checkpoint converted to a FlexDiT, timed")
-    p.add_argument("--model", default="DiT-B/2", help="dense model to start from (default DiT-B/2)")
-    p.add_argument("--image-size", type=int, default=256, help="image size in pixels (latent = size / 8)")
-    p.add_argument("--density", default="0.61,0.86", metavar="R_MIN,R_MAX")
-    p.add_argument("--repeats", type=int, default=5)
+    p = sub.add_parser("eval", help="FID, sFID, IS, precision/recall of an ADM sample npz against a reference npz")
+    p.add_argument("samples", help="ADM npz: arr_0 uint8 NHWC images (flexdit sample --npz), optional arr_1 labels")
+    p.add_argument("reference", help="ADM reference npz: arr_0 images and/or precomputed mu, sigma, mu_s, sigma_s")
+    p.add_argument("--features", choices=("inception", "fmnist"), default="inception",
+                   help="inception: FID Inception (ImageNet-style FID, sFID, IS); fmnist: the shipped "
+                        "Fashion-MNIST classifier (FID-FM, IS-FM, class accuracy) for 1-channel 28/32 px images")
+    p.add_argument("--inception", metavar="PATH", help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+                                                       "(default $FLEXDIT_INCEPTION, then torch hub's cache)")
+    p.add_argument("--batch-size", type=int, help="images per forward (default inception 64, fmnist 500)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--json", nargs="?", const="-", metavar="PATH",
+                   help="print one JSON object; with PATH, write it there and print the table")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="the shipped Fashion-MNIST DiT and FlexDiT side by side: PNG, GFLOPs, speed")
+    p.add_argument("--out", default="flexdit-demo.png", help="the side-by-side PNG (default flexdit-demo.png)")
+    p.add_argument("--dense", help="dense DiT weights (default: the shipped Fashion-MNIST model)")
+    p.add_argument("--flexdit", help="FlexDiT weights (default: the shipped Fashion-MNIST FlexDiT)")
+    p.add_argument("--per-class", type=int, default=2, help="images per class (default 2)")
+    p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (default 1: none, as the experiment)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/demo", help="folder for the two checkpoints")
+    p.add_argument("--repeats", type=int, default=3, help="timed sampling runs per model (median)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("extract-latents", help="encode an image folder with a VAE once, for fast training")

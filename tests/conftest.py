@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny models with random non-zero weights (zero-initialised adaLN would hide bugs)."""
+"""Shared fixtures: tiny models with random non-zero weights (zero-initialised adaLN would hide bugs), tiny
+Fashion-MNIST-format data."""
+import gzip
+
+import numpy as np
 import pytest
 import torch
 
@@ -51,3 +55,30 @@ def cli_fails(capsys, *argv) -> str:
     assert err.startswith("flexdit: error: ") and err.count("\n") == 1
     return err
 
+
+
+def idx_bytes(magic: int, array: np.ndarray) -> bytes:
+    return np.array([magic, *array.shape], dtype=">i4").tobytes() + array.astype(np.uint8).tobytes()
+
+
+def write_idx(folder, prefix: str, images: np.ndarray, labels: np.ndarray, gz: bool = True):
+    """Fashion-MNIST idx files of one split ("train" or "t10k") in `folder`."""
+    for name, magic, array in ((f"{prefix}-images-idx3-ubyte", 2051, images),
+                               (f"{prefix}-labels-idx1-ubyte", 2049, labels)):
+        raw = idx_bytes(magic, array)
+        if gz:
+            (folder / f"{name}.gz").write_bytes(gzip.compress(raw))
+        else:
+            (folder / name).write_bytes(raw)
+
+
+def blob_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(n, 28, 28) uint8 images of a bright square whose position depends on the class, and the labels."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = np.zeros((n, 28, 28), dtype=np.uint8)
+    for k, c in enumerate(labels):
+        r, col = 4 + 2 * (c % 5), 4 + 8 * (c // 5)
+        images[k, r:r + 8, col:col + 8] = 255
+    images = np.clip(images.astype(int) + rng.integers(0, 30, images.shape), 0, 255).astype(np.uint8)
+    return images, labels

@@ -13,7 +13,7 @@ from flexdit.vae import LATENT_SCALE, load_vae
 from flexdit.training.data import (FashionMNISTData, ImageFolderData, LatentsData, center_crop_arr, load_image,
                                    open_dataset)
 
-from conftest import cli_fails
+from conftest import cli_fails, idx_bytes, write_idx
 
 CLASSES = ("cat", "ant", "bee")  # sorted: ant 0, bee 1, cat 2
 SIZE = 16
@@ -232,20 +232,6 @@ def test_image_folder_errors(tmp_path, image_dir):
 
 
 # --- Fashion-MNIST --------------------------------------------------------------------------------------
-def idx_bytes(magic: int, array: np.ndarray) -> bytes:
-    return np.array([magic, *array.shape], dtype=">i4").tobytes() + array.astype(np.uint8).tobytes()
-
-
-def write_idx(folder, prefix: str, images: np.ndarray, labels: np.ndarray, gz: bool):
-    for name, magic, array in ((f"{prefix}-images-idx3-ubyte", 2051, images),
-                               (f"{prefix}-labels-idx1-ubyte", 2049, labels)):
-        raw = idx_bytes(magic, array)
-        if gz:
-            (folder / f"{name}.gz").write_bytes(gzip.compress(raw))
-        else:
-            (folder / name).write_bytes(raw)
-
-
 @pytest.fixture
 def fashion(tmp_path):
     """5 train images (gzip) and 2 test images (raw)."""

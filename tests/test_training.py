@@ -1,9 +1,7 @@
 """Fine-tuning: exact resume, crash safety, torchrun ranks and intervals, conversion keeps knowledge, errors."""
-import gzip
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -21,31 +19,21 @@ from flexdit.models.layout import Layout
 from flexdit.schedule import DensitySchedule
 from flexdit.training.trainer import TrainArgs, latest_checkpoint, train
 
-from conftest import tiny_model
+from conftest import blob_images, tiny_model, write_idx
 
 FLEX_LAYOUT = "1+1x1-1-1-1+1"  # 6 blocks: pool, gen, sparse, recover, dense, dense
 
 
-def write_idx(folder: Path, n: int = 48, seed: int = 0) -> Path:
-    """A tiny Fashion-MNIST-format data set: blobs whose position depends on the class."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, n).astype(np.uint8)
-    images = np.zeros((n, 28, 28), dtype=np.uint8)
-    for k, c in enumerate(labels):
-        r, col = 4 + 2 * (c % 5), 4 + 8 * (c // 5)
-        images[k, r:r + 8, col:col + 8] = 255
-    images = np.clip(images.astype(int) + rng.integers(0, 30, images.shape), 0, 255).astype(np.uint8)
+def write_fashion(folder: Path, n: int = 48, seed: int = 0) -> Path:
+    """A tiny Fashion-MNIST-format training set of class-dependent blobs."""
     folder.mkdir(parents=True, exist_ok=True)
-    with gzip.open(folder / "train-images-idx3-ubyte.gz", "wb") as f:
-        f.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
-    with gzip.open(folder / "train-labels-idx1-ubyte.gz", "wb") as f:
-        f.write(struct.pack(">II", 2049, n) + labels.tobytes())
+    write_idx(folder, "train", *blob_images(n, seed))
     return folder
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return write_idx(tmp_path_factory.mktemp("fmnist"))
+    return write_fashion(tmp_path_factory.mktemp("fmnist"))
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from flexdit.errors import FlexDiTError
 from flexdit.measure.flops import FlopsReport, flops_report
 from flexdit.measure.memory import peak_forward_memory
 from flexdit.models.dit import DiT
+from flexdit.sampling import sample
 
 
 
@@ -65,6 +66,24 @@ def time_cases(cases: list[tuple[DiT, object]], batch: int, repeats: int, warmup
                 if round_ >= warmup:
                     times[k].append(elapsed)
     return [statistics.median(ts) for ts in times]
+
+
+def time_sampling(models: dict[str, DiT], labels: list[int], sampler: str, steps: int, cfg_scale: float = 1.0,
+                  repeats: int = 3, warmup: int = 1, progress=lambda msg: None) -> dict[str, float]:
+    """Median seconds to sample `labels` end to end with each model (same seed, sampler, steps and guidance);
+    rounds alternate over the models, as time_cases does. A warm-up round uses 2 steps only."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for round_ in range(warmup + repeats):
+        progress(f"round {round_ + 1}/{warmup + repeats}" + (" (warm-up)" if round_ < warmup else ""))
+        for name, model in models.items():
+            device = next(model.parameters()).device
+            _synchronize(device)
+            start = time.perf_counter()
+            sample(model, labels, sampler, steps if round_ >= warmup else 2, cfg_scale=cfg_scale)
+            _synchronize(device)
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _peak_memory(model: DiT, batch: int, grid, device: torch.device, dtype: torch.dtype, training: bool) -> int:

@@ -1,0 +1,321 @@
+"""FlexDiT vs DiT on Fashion-MNIST, end to end, one command:
+
+    python -m experiments.fashion_mnist --data ../shared/data/fashion-mnist
+
+1. trains a dense class-conditional DiT in pixel space (1x32x32, patch 2: 256 tokens, as DiT-XL/2 at
+   256 px), depth 12 so that FlexDiT's default layout 2+2x1-2-1-1+0 fits (2 Poolingformer blocks, two SDTMs,
+   one dense block on top);
+2. converts it to a FlexDiT with a temporal density schedule and fine-tunes it for --finetune-fraction of
+   the dense steps; the converted model before fine-tuning is evaluated too;
+3. fine-tunes, for the same steps, a FlexDiT at one fixed grid (no temporal schedule; the paper's ablation),
+   the grid whose FLOPs come closest to the scheduled model's average, so both spend about the same compute;
+4. samples --num-samples images from every model with the same sampler, steps, guidance, labels and seeds,
+   and scores them against the 10,000 test images with the project's Fashion-MNIST classifier (FID-FM,
+   class accuracy, precision, recall); measures GFLOPs and images/s side by side;
+5. writes OUT/results.json, OUT/results.md (the README's table), a plot of FID-FM against GFLOPs and one
+   PNG grid of samples per model, and copies them to --results.
+
+Every stage resumes: training from its last checkpoint, sampling from its last finished chunk, and stages
+already done are skipped, so the command can be stopped and run again at any time.
+"""
+import argparse
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from flexdit.checkpoints import load
+from flexdit.distributed import DTYPES, resolve_device
+from flexdit.errors import FlexDiTError
+from flexdit.io import atomic_write
+from flexdit.measure.bench import time_sampling
+from flexdit.measure.evaluate import evaluate
+from flexdit.measure.flops import flops_report, grid_name, model_macs
+from flexdit.models.dit import DiT
+from flexdit.sampling import decode, image_grid, plan, sample
+from flexdit.schedule import parse_density
+from flexdit.training.data import open_dataset
+from flexdit.training.trainer import TrainArgs, latest_checkpoint, train
+
+CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+               "Ankle boot")
+METRICS = ("fid", "class_accuracy", "precision", "recall")  # fid: FID-FM, the Frechet distance on classifier features
+MODELS = ("dense", "converted", "flexdit", "flexdit-fixed")
+DESCRIPTIONS = {
+    "dense": "dense DiT",
+    "converted": "FlexDiT, converted, not fine-tuned",
+    "flexdit": "FlexDiT, fine-tuned, temporal schedule",
+    "flexdit-fixed": "FlexDiT, fine-tuned, fixed grid",
+}
+
+
+@dataclass
+class Settings:
+    data: str
+    out: str = "runs/fashion-mnist"
+    results: str = "results"
+    # the dense model
+    hidden_size: int = 96
+    depth: int = 12
+    num_heads: int = 3
+    dense_steps: int = 6000
+    batch: int = 64
+    dense_lr: float = 2e-4
+    dense_ema: float = 0.9995
+    # the FlexDiTs
+    density: str = "0.61,0.86"
+    finetune_fraction: float = 0.15
+    finetune_lr: float = 1e-4
+    finetune_ema: float = 0.995  # time constant 200 steps: the EMA forgets the converted start within the run
+    # evaluation
+    num_samples: int = 5000
+    sampler: str = "ddim"
+    steps: int = 25
+    cfg: float = 1.0  # no guidance: half the sampling cost, which bounds this experiment on 2 CPU cores
+    sample_batch: int = 250
+    speed_batch: int = 50
+    speed_repeats: int = 3
+    # everywhere
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "bf16"
+    ckpt_every: int = 200
+    models: list[str] = field(default_factory=lambda: list(MODELS))
+
+    @property
+    def finetune_steps(self) -> int:
+        return max(1, math.floor(self.finetune_fraction * self.dense_steps))
+
+
+# --- training ---------------------------------------------------------------------------------------------
+def _train(s: Settings, name: str, steps: int, **kw) -> Path:
+    """Train (or resume, or skip if finished) one run under OUT/name; returns its EMA weights."""
+    out = Path(s.out) / name
+    ema = out / "ema.safetensors"
+    last = latest_checkpoint(str(out))
+    if ema.exists() and last is not None and int(last.stem.split("-")[1]) >= steps:
+        return ema
+    tqdm.write(f"== training {name}: {steps} steps ({DESCRIPTIONS[name]})")
+    train(TrainArgs(data=s.data, out=str(out), steps=steps, batch=s.batch, dtype=s.dtype, seed=s.seed,
+                    device=s.device, ckpt_every=s.ckpt_every, log_every=50, resume=True, **kw))
+    return ema
+
+
+def train_dense(s: Settings) -> Path:
+    return _train(s, "dense", s.dense_steps, model="DiT-S/2", hidden_size=s.hidden_size, depth=s.depth,
+                  num_heads=s.num_heads, lr=s.dense_lr, ema=s.dense_ema)
+
+
+def fixed_grid_like(flex: DiT, timesteps: list[int]) -> tuple[int, int]:
+    """The square grid whose FLOPs come closest to flex's average over the sampler's timesteps."""
+    target = flops_report(flex, timesteps).gflops * 1e9
+    side = flex.token_grid[0]
+    return min(((g, g) for g in range(1, side + 1)), key=lambda g: abs(model_macs(flex.config, g) - target))
+
+
+# --- sampling ----------------------------------------------------------------------------------------------
+def sample_labels(num_samples: int) -> list[int]:
+    """Class-balanced labels: sample i is class i mod 10."""
+    return [i % len(CLASS_NAMES) for i in range(num_samples)]
+
+
+def sample_npz(s: Settings, name: str, model: DiT) -> Path:
+    """OUT/samples/NAME.npz in the ADM layout (arr_0 uint8 NHWC, arr_1 labels), sampled chunk by chunk;
+    each chunk is kept, so a stopped run resumes at the first missing one. Sample i's noise depends only on
+    (seed, i), so every model starts from the same noise and chunking changes nothing."""
+    path = Path(s.out) / "samples" / f"{name}.npz"
+    if path.exists():
+        return path
+    chunks = path.with_suffix("")
+    chunks.mkdir(parents=True, exist_ok=True)
+    labels = sample_labels(s.num_samples)
+    starts = range(0, s.num_samples, s.sample_batch)
+    for start in tqdm(starts, desc=f"sampling {name}", unit="chunk"):
+        chunk = chunks / f"{start:06d}-{s.sample_batch}.npy"
+        if chunk.exists():
+            continue
+        end = min(start + s.sample_batch, s.num_samples)
+        x = sample(model, labels[start:end], s.sampler, s.steps, cfg_scale=s.cfg, seed=s.seed,
+                   sample_indices=list(range(start, end)), progress=True)
+        images = decode(x)
+        atomic_write(chunk, lambda tmp: _write_numpy(tmp, np.save, images))
+    images = np.concatenate([np.load(chunks / f"{start:06d}-{s.sample_batch}.npy") for start in starts])
+    atomic_write(path, lambda tmp: _write_numpy(tmp, np.savez, arr_0=images, arr_1=np.array(labels, dtype=np.int64)))
+    shutil.rmtree(chunks)
+    return path
+
+
+def _write_numpy(tmp: Path, save, *args, **kwargs) -> None:
+    with open(tmp, "wb") as f:  # np.save(z) adds a suffix to a path without it; a file object keeps the name
+        save(f, *args, **kwargs)
+
+
+def reference_npz(s: Settings) -> Path:
+    """The 10,000 test images and labels in the ADM layout, padded to 32x32 as the models see them (the
+    classifier pads 28x28 images the same way, so its features do not change)."""
+    path = Path(s.out) / "reference-test.npz"
+    if not path.exists():
+        test = open_dataset(s.data, split="test")
+        images = test.images.permute(0, 2, 3, 1).numpy()  # (N, 32, 32, 1)
+        atomic_write(path, lambda tmp: _write_numpy(tmp, np.savez, arr_0=images, arr_1=test.labels.numpy()))
+    return path
+
+
+def class_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 10) -> np.ndarray:
+    """One row per class, the first `per_class` samples of each."""
+    rows = [images[labels == c][:per_class] for c in range(len(CLASS_NAMES))]
+    return image_grid(np.concatenate(rows), columns=per_class)
+
+
+# --- the whole experiment -----------------------------------------------------------------------------------
+def build_models(s: Settings) -> tuple[dict[str, DiT], dict[str, int]]:
+    """Train what is missing; return the models to evaluate and their training steps."""
+    density = parse_density(s.density)
+    dense_weights = train_dense(s)
+    models = {"dense": load(dense_weights)}
+    converted = load(dense_weights, layout="default", density=density)
+    timesteps = plan(s.sampler, s.steps).timesteps
+    fixed = fixed_grid_like(converted, timesteps)
+    steps = {"dense": s.dense_steps, "converted": 0, "flexdit": s.finetune_steps, "flexdit-fixed": s.finetune_steps}
+    finetune = dict(init=str(dense_weights), layout="default", lr=s.finetune_lr, ema=s.finetune_ema)
+    for name in s.models:
+        if name == "converted":
+            models[name] = converted
+        elif name == "flexdit":
+            models[name] = load(_train(s, name, s.finetune_steps, density=s.density, **finetune))
+        elif name == "flexdit-fixed":
+            models[name] = load(_train(s, name, s.finetune_steps, grid=grid_name(fixed), **finetune))
+    return {name: models[name] for name in s.models}, {name: steps[name] for name in s.models}
+
+
+def evaluate_models(s: Settings, models: dict[str, DiT], train_steps: dict[str, int]) -> dict:
+    device, dtype = resolve_device(s.device), DTYPES[s.dtype]
+    for model in models.values():
+        model.to(device, dtype).eval().requires_grad_(False)
+    timesteps = plan(s.sampler, s.steps).timesteps
+    reference = reference_npz(s)
+    rows = {}
+    for name, model in models.items():
+        npz = sample_npz(s, name, model)
+        report = flops_report(model, timesteps)
+        scores = evaluate(npz, reference, features="fmnist", device=device)
+        with np.load(npz) as f:
+            grid = class_grid(f["arr_0"], f["arr_1"])
+        Image.fromarray(grid[..., 0]).save(Path(s.out) / f"samples_{name.replace('-', '_')}.png")
+        rows[name] = {"description": DESCRIPTIONS[name], "train_steps": train_steps[name], "gflops": report.gflops,
+                      "gflops_per_grid": report.per_grid, "steps_per_grid": report.steps_per_grid, **{k: scores[k] for k in METRICS}}
+    tqdm.write(f"== timing sampling: batch {s.speed_batch}, median of {s.speed_repeats}, models alternating")
+    seconds = time_sampling(models, sample_labels(s.speed_batch), s.sampler, s.steps, s.cfg, repeats=s.speed_repeats,
+                            progress=tqdm.write)
+    for name, row in rows.items():
+        row["images_per_s"] = s.speed_batch / seconds[name]
+    if "dense" in rows:
+        dense = rows["dense"]
+        for row in rows.values():
+            row["speedup"] = row["images_per_s"] / dense["images_per_s"]
+            row["flops_saving"] = 1 - row["gflops"] / dense["gflops"]
+            row["fid_fm_vs_dense"] = row["fid"] / dense["fid"] - 1
+    return rows
+
+
+def environment(device: torch.device) -> dict:
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+            f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def markdown_table(rows: dict) -> str:
+    head = ("| model | training steps | GFLOPs | FLOPs saved | images/s | speedup | FID-FM | vs dense | "
+            "class accuracy | precision | recall |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    lines = []
+    for row in rows.values():
+        lines.append(f"| {row['description']} | {row['train_steps']} | {row['gflops']:.3f} | "
+                     f"{100 * row.get('flops_saving', 0):.0f}% | {row['images_per_s']:.1f} | "
+                     f"{row.get('speedup', 1):.2f}x | {row['fid']:.2f} | {100 * row.get('fid_fm_vs_dense', 0):+.1f}% | "
+                     f"{100 * row['class_accuracy']:.1f}% | {row['precision']:.3f} | {row['recall']:.3f} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def plot(rows: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for row in rows.values():
+        ax.scatter(row["gflops"], row["fid"], s=40)
+        ax.annotate(row["description"], (row["gflops"], row["fid"]), textcoords="offset points", xytext=(5, 5),
+                    fontsize=8)
+    ax.set_xlabel("GFLOPs per forward pass (average over the sampler's steps)")
+    ax.set_ylabel("FID-FM (lower is better)")
+    ax.set_title("Fashion-MNIST: fidelity against compute")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(s: Settings) -> dict:
+    for name in s.models:
+        if name not in MODELS:
+            raise FlexDiTError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    if s.dtype not in DTYPES:
+        raise FlexDiTError(f"unknown --dtype {s.dtype}; choose {', '.join(DTYPES)}")
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    models, train_steps = build_models(s)
+    rows = evaluate_models(s, models, train_steps)
+    result = {"settings": asdict(s), "finetune_steps": s.finetune_steps, "command": " ".join(sys.argv),
+              "environment": environment(resolve_device(s.device)), "reference": "Fashion-MNIST test set, 10000 images",
+              "features": "flexdit/measure/weights/fmnist_classifier.safetensors", "models": rows,
+              "evaluation_seconds": time.time() - started}
+    atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+    atomic_write(out / "results.md", lambda tmp: tmp.write_text(markdown_table(rows)))
+    plot(rows, out / "fid_vs_gflops.png")
+    if s.results:
+        dest = Path(s.results) / "fashion_mnist"
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in ["results.json", "results.md", "fid_vs_gflops.png", *(p.name for p in out.glob("samples_*.png"))]:
+            shutil.copy(out / f, dest / f)
+    print(markdown_table(rows))
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> Settings:
+    defaults = Settings(data="")
+    p = argparse.ArgumentParser(prog="python -m experiments.fashion_mnist", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="folder with the Fashion-MNIST idx files (train and t10k)")
+    for name, value in asdict(defaults).items():
+        if name == "data":
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, list):
+            p.add_argument(flag, default=",".join(value), help=f"comma-separated (default: {','.join(value)})")
+        else:
+            p.add_argument(flag, type=type(value), default=value, help=f"(default: {value})")
+    args = vars(p.parse_args(argv))
+    args["models"] = [m for m in args["models"].split(",") if m]
+    return Settings(**args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        run(parse_args(argv))
+    except FlexDiTError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The Fashion-MNIST experiment end to end on a tiny model and data set: every stage runs, the outputs are
+written, and a second run resumes instead of redoing work."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flexdit.checkpoints import load
+from flexdit.measure.flops import flops_report
+from flexdit.sampling import decode, plan, sample
+from flexdit.schedule import FixedGrid
+
+from conftest import blob_images, write_idx
+from experiments.fashion_mnist import (MODELS, Settings, fixed_grid_like, main, parse_args, run, sample_labels,
+                                       sample_npz)
+
+# 20 samples have fewer points than the classifier has features: singular covariances are expected here
+pytestmark = pytest.mark.filterwarnings("ignore:Matrix is singular")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fmnist")
+    write_idx(folder, "train", *blob_images(32, seed=0))
+    write_idx(folder, "t10k", *blob_images(20, seed=1))
+    return folder
+
+
+def tiny(data, out, **kw) -> Settings:
+    settings = dict(data=str(data), out=str(out / "run"), results=str(out / "results"), hidden_size=32, num_heads=2,
+                    dense_steps=10, batch=8, finetune_fraction=0.2, num_samples=20, sample_batch=8, steps=2,
+                    speed_batch=2, speed_repeats=1, ckpt_every=5, dtype="fp32", device="cpu")
+    settings.update(kw)
+    return Settings(**settings)
+
+
+@pytest.fixture(scope="module")
+def finished(data, tmp_path_factory):
+    s = tiny(data, tmp_path_factory.mktemp("experiment"))
+    return s, run(s)
+
+
+def test_every_model_is_trained_sampled_and_scored(finished):
+    s, result = finished
+    rows = result["models"]
+    assert list(rows) == list(MODELS)
+    assert [rows[m]["train_steps"] for m in MODELS] == [10, 0, 2, 2] == [10, 0, s.finetune_steps, s.finetune_steps]
+    for row in rows.values():
+        assert np.isfinite(row["fid"]) and row["fid"] >= 0
+        assert 0 <= row["class_accuracy"] <= 1 and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
+        assert row["images_per_s"] > 0
+    dense = rows["dense"]
+    assert dense["speedup"] == 1 and dense["flops_saving"] == 0
+    for name in ("converted", "flexdit", "flexdit-fixed"):
+        assert rows[name]["gflops"] < dense["gflops"]
+    assert rows["converted"]["gflops"] == rows["flexdit"]["gflops"]
+    assert len(rows["flexdit"]["gflops_per_grid"]) > 1 and len(rows["flexdit-fixed"]["gflops_per_grid"]) == 1
+
+
+def test_outputs_are_written_and_copied(finished):
+    s, result = finished
+    for folder in (Path(s.out), Path(s.results) / "fashion_mnist"):
+        saved = json.loads((folder / "results.json").read_text())
+        assert saved["models"].keys() == result["models"].keys()
+        assert saved["settings"]["seed"] == 0 and saved["settings"]["sampler"] == s.sampler
+        table = (folder / "results.md").read_text()
+        assert table.count("\n") == 2 + len(MODELS)
+        assert (folder / "fid_vs_gflops.png").stat().st_size > 1000
+        for name in MODELS:
+            assert (folder / f"samples_{name.replace('-', '_')}.png").exists()
+    with np.load(Path(s.out) / "samples" / "dense.npz") as f:
+        assert f["arr_0"].shape == (20, 32, 32, 1) and f["arr_0"].dtype == np.uint8
+        assert f["arr_1"].tolist() == sample_labels(20)
+
+
+def test_a_second_run_resumes_instead_of_redoing(finished):
+    s, result = finished
+    out = Path(s.out)
+    watched = [out / "dense" / "checkpoints" / "step-0000010.pt", out / "flexdit" / "ema.safetensors", out / "samples" / "flexdit.npz"]
+    before = [p.stat().st_mtime_ns for p in watched]
+    again = run(s)
+    assert [p.stat().st_mtime_ns for p in watched] == before
+    for name in MODELS:
+        assert again["models"][name]["fid"] == result["models"][name]["fid"]
+
+
+def test_chunked_sampling_equals_one_batch(finished, tmp_path):
+    s, _ = finished
+    model = load(f"{s.out}/flexdit/ema.safetensors")
+    chunked = tiny(s.data, tmp_path, num_samples=7, sample_batch=3)
+    with np.load(sample_npz(chunked, "flexdit", model)) as f:
+        images = f["arr_0"]
+    labels = sample_labels(7)
+    direct = decode(sample(model, labels, s.sampler, s.steps, cfg_scale=s.cfg, seed=s.seed))
+    np.testing.assert_array_equal(images, direct)
+
+
+def test_fixed_grid_matches_the_average_flops(finished):
+    s, _ = finished
+    flex = load(f"{s.out}/flexdit/ema.safetensors")
+    timesteps = plan(s.sampler, s.steps).timesteps
+    fixed = fixed_grid_like(flex, timesteps)
+    average = flops_report(flex, timesteps).gflops
+    per_grid = {g: flops_report(flex.config, [0], density=FixedGrid(g, g)).gflops
+                for g in range(1, flex.token_grid[0] + 1)}
+    assert abs(per_grid[fixed[0]] - average) == min(abs(v - average) for v in per_grid.values())
+
+
+def test_arguments_and_errors(data, tmp_path, capsys):
+    s = parse_args(["--data", str(data), "--models", "dense,flexdit", "--steps", "7"])
+    assert s.models == ["dense", "flexdit"] and s.steps == 7 and s.cfg == Settings(data="").cfg
+    with pytest.raises(SystemExit, match="unknown model 'sparse'"):
+        main(["--data", str(data), "--out", str(tmp_path), "--models", "dense,sparse"])
+    with pytest.raises(SystemExit, match="data path not found"):
+        main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
