@@ -13,7 +13,7 @@
    and scores them against the 10,000 test images with the project's Fashion-MNIST classifier (FID-FM,
    class accuracy, precision, recall); measures GFLOPs and images/s side by side;
 5. writes OUT/results.json, OUT/results.md (the README's table), a plot of FID-FM against GFLOPs and one
-   PNG grid of samples per model, and copies them to --results.
+   PNG grid of samples per model, and copies them and the training logs to --results.
 
 Every stage resumes: training from its last checkpoint, sampling from its last finished chunk, and stages
 already done are skipped, so the command can be stopped and run again at any time.
@@ -67,7 +67,7 @@ class Settings:
     hidden_size: int = 96
     depth: int = 12
     num_heads: int = 3
-    dense_steps: int = 6000
+    dense_steps: int = 5000
     batch: int = 64
     dense_lr: float = 2e-4
     dense_ema: float = 0.9995
@@ -89,6 +89,7 @@ class Settings:
     device: str = "auto"
     dtype: str = "bf16"
     ckpt_every: int = 200
+    log_every: int = 50
     models: list[str] = field(default_factory=lambda: list(MODELS))
 
     @property
@@ -106,7 +107,7 @@ def _train(s: Settings, name: str, steps: int, **kw) -> Path:
         return ema
     tqdm.write(f"== training {name}: {steps} steps ({DESCRIPTIONS[name]})")
     train(TrainArgs(data=s.data, out=str(out), steps=steps, batch=s.batch, dtype=s.dtype, seed=s.seed,
-                    device=s.device, ckpt_every=s.ckpt_every, log_every=50, resume=True, **kw))
+                    device=s.device, ckpt_every=s.ckpt_every, log_every=s.log_every, resume=True, **kw))
     return ema
 
 
@@ -288,6 +289,9 @@ def run(s: Settings) -> dict:
         dest.mkdir(parents=True, exist_ok=True)
         for f in ["results.json", "results.md", "fid_vs_gflops.png", *(p.name for p in out.glob("samples_*.png"))]:
             shutil.copy(out / f, dest / f)
+        for name in train_steps:
+            if (out / name / "log.jsonl").exists():
+                shutil.copy(out / name / "log.jsonl", dest / f"train_log_{name.replace('-', '_')}.jsonl")
     print(markdown_table(rows))
     return result
 

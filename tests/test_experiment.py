@@ -29,8 +29,8 @@ def data(tmp_path_factory):
 
 def tiny(data, out, **kw) -> Settings:
     settings = dict(data=str(data), out=str(out / "run"), results=str(out / "results"), hidden_size=32, num_heads=2,
-                    dense_steps=10, batch=8, finetune_fraction=0.2, num_samples=20, sample_batch=8, steps=2,
-                    speed_batch=2, speed_repeats=1, ckpt_every=5, dtype="fp32", device="cpu")
+                    dense_steps=10, batch=8, finetune_fraction=0.5, num_samples=20, sample_batch=8, steps=2,
+                    speed_batch=2, speed_repeats=1, ckpt_every=5, log_every=5, dtype="fp32", device="cpu")
     settings.update(kw)
     return Settings(**settings)
 
@@ -45,7 +45,7 @@ def test_every_model_is_trained_sampled_and_scored(finished):
     s, result = finished
     rows = result["models"]
     assert list(rows) == list(MODELS)
-    assert [rows[m]["train_steps"] for m in MODELS] == [10, 0, 2, 2] == [10, 0, s.finetune_steps, s.finetune_steps]
+    assert [rows[m]["train_steps"] for m in MODELS] == [10, 0, 5, 5] == [10, 0, s.finetune_steps, s.finetune_steps]
     for row in rows.values():
         assert np.isfinite(row["fid"]) and row["fid"] >= 0
         assert 0 <= row["class_accuracy"] <= 1 and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
@@ -69,6 +69,8 @@ def test_outputs_are_written_and_copied(finished):
         assert (folder / "fid_vs_gflops.png").stat().st_size > 1000
         for name in MODELS:
             assert (folder / f"samples_{name.replace('-', '_')}.png").exists()
+    logs = sorted(p.name for p in (Path(s.results) / "fashion_mnist").glob("train_log_*.jsonl"))
+    assert logs == ["train_log_dense.jsonl", "train_log_flexdit.jsonl", "train_log_flexdit_fixed.jsonl"]
     with np.load(Path(s.out) / "samples" / "dense.npz") as f:
         assert f["arr_0"].shape == (20, 32, 32, 1) and f["arr_0"].dtype == np.uint8
         assert f["arr_1"].tolist() == sample_labels(20)
