@@ -25,6 +25,7 @@ import platform
 import shutil
 import sys
 import time
+from copy import deepcopy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -67,7 +68,7 @@ class Settings:
     hidden_size: int = 96
     depth: int = 12
     num_heads: int = 3
-    dense_steps: int = 5000
+    dense_steps: int = 4000
     batch: int = 64
     dense_lr: float = 2e-4
     dense_ema: float = 0.9995
@@ -91,6 +92,7 @@ class Settings:
     ckpt_every: int = 200
     log_every: int = 50
     models: list[str] = field(default_factory=lambda: list(MODELS))
+    ship: str = ""  # a folder (flexdit/weights) for bfloat16 copies of the dense and fine-tuned FlexDiT weights
 
     @property
     def finetune_steps(self) -> int:
@@ -121,6 +123,14 @@ def fixed_grid_like(flex: DiT, timesteps: list[int]) -> tuple[int, int]:
     target = flops_report(flex, timesteps).gflops * 1e9
     side = flex.token_grid[0]
     return min(((g, g) for g in range(1, side + 1)), key=lambda g: abs(model_macs(flex.config, g) - target))
+
+
+def ship_weights(dense: DiT, flex: DiT, folder: Path) -> None:
+    """bfloat16 copies for `flexdit demo` (half the size; the demo and the evaluation sample in bfloat16)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, model in (("dense", dense), ("flexdit", flex)):
+        deepcopy(model).to(torch.bfloat16).save(str(folder / f"fashion_mnist_{name}.safetensors"))
+    tqdm.write(f"== wrote the demo weights to {folder}")
 
 
 # --- sampling ----------------------------------------------------------------------------------------------
@@ -193,6 +203,8 @@ def build_models(s: Settings) -> tuple[dict[str, DiT], dict[str, int]]:
             models[name] = converted
         elif name == "flexdit":
             models[name] = load(_train(s, name, s.finetune_steps, density=s.density, **finetune))
+            if s.ship:
+                ship_weights(models["dense"], models[name], Path(s.ship))
         elif name == "flexdit-fixed":
             models[name] = load(_train(s, name, s.finetune_steps, grid=grid_name(fixed), **finetune))
     return {name: models[name] for name in s.models}, {name: steps[name] for name in s.models}

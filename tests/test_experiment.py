@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from flexdit.checkpoints import load
 from flexdit.measure.flops import flops_report
@@ -37,7 +38,8 @@ def tiny(data, out, **kw) -> Settings:
 
 @pytest.fixture(scope="module")
 def finished(data, tmp_path_factory):
-    s = tiny(data, tmp_path_factory.mktemp("experiment"))
+    out = tmp_path_factory.mktemp("experiment")
+    s = tiny(data, out, ship=str(out / "ship"))
     return s, run(s)
 
 
@@ -74,6 +76,16 @@ def test_outputs_are_written_and_copied(finished):
     with np.load(Path(s.out) / "samples" / "dense.npz") as f:
         assert f["arr_0"].shape == (20, 32, 32, 1) and f["arr_0"].dtype == np.uint8
         assert f["arr_1"].tolist() == sample_labels(20)
+
+
+def test_the_demo_pair_is_shipped_in_bfloat16(finished):
+    s, _ = finished
+    for name in ("dense", "flexdit"):
+        shipped = load(f"{s.ship}/fashion_mnist_{name}.safetensors")
+        trained = load(f"{s.out}/{name}/ema.safetensors")
+        assert shipped.config == trained.config
+        for a, b in zip(shipped.parameters(), trained.parameters()):
+            torch.testing.assert_close(a, b.bfloat16().float(), rtol=0, atol=0)
 
 
 def test_a_second_run_resumes_instead_of_redoing(finished):
