@@ -218,14 +218,11 @@ def cmd_eval(args) -> None:
           f"{', precomputed statistics' if result['reference_statistics'] == 'precomputed' else ''}), "
           f"{'Fashion-MNIST classifier' if fm else 'Inception'} features")
     is_value = result["inception_score"]
-    rows = [("FID-FM" if fm else "FID", result["fid"]), ("sFID", result["sfid"]),
-            ("IS-FM" if fm else "IS", None if is_value is None else f"{is_value:.4f} +- {result['inception_score_std']:.4f}"),
-            ("precision", result["precision"]), ("recall", result["recall"]),
-            ("class accuracy", result["class_accuracy"])]
+    rows = [("FID-FM", result["fid"])] if fm else [("FID", result["fid"]), ("sFID", result["sfid"])]
+    rows += [("IS-FM" if fm else "IS", None if is_value is None else f"{is_value:.4f} +- {result['inception_score_std']:.4f}"),
+             ("precision", result["precision"]), ("recall", result["recall"])]
     if fm:
-        rows = [row for row in rows if row[0] != "sFID"]
-    else:
-        rows = rows[:-1]
+        rows.append(("class accuracy", result["class_accuracy"]))
     print(f"  {'metric':<15} {'value':>20}")
     for name, value in rows:
         shown = "n/a" if value is None else value if isinstance(value, str) else f"{value:.4f}"
