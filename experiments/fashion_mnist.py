@@ -143,7 +143,8 @@ def sample_npz(s: Settings, name: str, model: DiT) -> Path:
     """OUT/samples/NAME.npz in the ADM layout (arr_0 uint8 NHWC, arr_1 labels), sampled chunk by chunk;
     each chunk is kept, so a stopped run resumes at the first missing one. Sample i's noise depends only on
     (seed, i), so every model starts from the same noise and chunking changes nothing."""
-    path = Path(s.out) / "samples" / f"{name}.npz"
+    tag = f"{s.sampler}{s.steps}-cfg{s.cfg:g}-{s.dtype}-seed{s.seed}-n{s.num_samples}"  # other settings: other files
+    path = Path(s.out) / "samples" / f"{name}-{tag}.npz"
     if path.exists():
         return path
     chunks = path.with_suffix("")

@@ -73,7 +73,7 @@ def test_outputs_are_written_and_copied(finished):
             assert (folder / f"samples_{name.replace('-', '_')}.png").exists()
     logs = sorted(p.name for p in (Path(s.results) / "fashion_mnist").glob("train_log_*.jsonl"))
     assert logs == ["train_log_dense.jsonl", "train_log_flexdit.jsonl", "train_log_flexdit_fixed.jsonl"]
-    with np.load(Path(s.out) / "samples" / "dense.npz") as f:
+    with np.load(Path(s.out) / "samples" / "dense-ddim2-cfg1-fp32-seed0-n20.npz") as f:
         assert f["arr_0"].shape == (20, 32, 32, 1) and f["arr_0"].dtype == np.uint8
         assert f["arr_1"].tolist() == sample_labels(20)
 
@@ -91,7 +91,8 @@ def test_the_demo_pair_is_shipped_in_bfloat16(finished):
 def test_a_second_run_resumes_instead_of_redoing(finished):
     s, result = finished
     out = Path(s.out)
-    watched = [out / "dense" / "checkpoints" / "step-0000010.pt", out / "flexdit" / "ema.safetensors", out / "samples" / "flexdit.npz"]
+    watched = [out / "dense" / "checkpoints" / "step-0000010.pt", out / "flexdit" / "ema.safetensors",
+               out / "samples" / "flexdit-ddim2-cfg1-fp32-seed0-n20.npz"]
     before = [p.stat().st_mtime_ns for p in watched]
     again = run(s)
     assert [p.stat().st_mtime_ns for p in watched] == before
