@@ -3,8 +3,8 @@
     python -m experiments.fashion_mnist --data ../shared/data/fashion-mnist
 
 1. trains a dense class-conditional DiT in pixel space (1x32x32, patch 2: 256 tokens, as DiT-XL/2 at
-   256 px), depth 12 so that FlexDiT's default layout 2+2x1-2-1-1+0 fits (2 Poolingformer blocks, two SDTMs,
-   one dense block on top);
+   256 px), depth 12 so that FlexDiT's default layout 2+2x1-2-1-1+0 fits (2 Poolingformer blocks, then two
+   SDTMs, the second SDTM's dense block on top);
 2. converts it to a FlexDiT with a temporal density schedule and fine-tunes it for --finetune-fraction of
    the dense steps; the converted model before fine-tuning is evaluated too;
 3. fine-tunes, for the same steps, a FlexDiT at one fixed grid (no temporal schedule; the paper's ablation),
@@ -16,9 +16,14 @@
    PNG grid of samples per model, and copies them and the training logs to --results.
 
 Every stage resumes: training from its last checkpoint, sampling from its last finished chunk, and stages
-already done are skipped, so the command can be stopped and run again at any time.
+already done are skipped, so the command can be stopped and run again at any time. What is reused must be what
+the settings ask for: a training run records its settings and the fingerprint of the weights it starts from
+(a changed setting is an error naming the folder), and sample files are named by the fingerprint of the
+weights that made them and by the sampling settings.
 """
 import argparse
+import hashlib
+import importlib.util
 import json
 import math
 import platform
@@ -49,6 +54,10 @@ from flexdit.training.trainer import TrainArgs, latest_checkpoint, train
 
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                "Ankle boot")
+MIN_SAMPLES = 4  # the evaluator's minimum (3 nearest neighbours + 1)
+# training arguments that are not part of a run's identity: they do not change the weights, or (steps) a run
+# may be extended, and more steps than asked for is refused on its own
+NOT_IDENTITY = ("out", "resume", "device", "ckpt_every", "log_every", "keep", "steps")
 METRICS = ("fid", "class_accuracy", "precision", "recall")  # fid: FID-FM, the Frechet distance on classifier features
 MODELS = ("dense", "converted", "flexdit", "flexdit-fixed")
 DESCRIPTIONS = {
@@ -100,16 +109,42 @@ class Settings:
 
 
 # --- training ---------------------------------------------------------------------------------------------
-def _train(s: Settings, name: str, steps: int, **kw) -> Path:
-    """Train (or resume, or skip if finished) one run under OUT/name; returns its EMA weights."""
+def fingerprint(model: DiT) -> str:
+    """12 hex digits of a hash of the model's config and weights."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def _train(s: Settings, name: str, steps: int, start: str | None = None, **kw) -> Path:
+    """Train (or resume, or reuse if finished) the run OUT/name; returns its EMA weights. `start` is the
+    fingerprint of the weights it starts from (None: from scratch)."""
     out = Path(s.out) / name
     ema = out / "ema.safetensors"
+    args = TrainArgs(data=s.data, out=str(out), steps=steps, batch=s.batch, dtype=s.dtype, seed=s.seed,
+                     device=s.device, ckpt_every=s.ckpt_every, log_every=s.log_every, resume=True, **kw)
+    identity = {k: v for k, v in asdict(args).items() if k not in NOT_IDENTITY} | {"start": start}
+    identity_path = out / "identity.json"
+    if identity_path.exists():
+        saved = json.loads(identity_path.read_text())
+        changed = sorted(k for k in identity.keys() | saved.keys() if identity.get(k) != saved.get(k))
+        if changed:
+            raise FlexDiTError(f"{out} was trained with other settings ({', '.join(changed)}: "
+                               f"{[saved.get(k) for k in changed]} there, {[identity.get(k) for k in changed]} now); "
+                               "delete that folder or choose another --out")
     last = latest_checkpoint(str(out))
-    if ema.exists() and last is not None and int(last.stem.split("-")[1]) >= steps:
+    done = int(last.stem.split("-")[1]) if last is not None else 0
+    if done > steps:
+        raise FlexDiTError(f"{out} holds {done} training steps, more than the {steps} asked for; delete that "
+                           "folder, choose another --out or ask for its steps")
+    out.mkdir(parents=True, exist_ok=True)
+    identity_path.write_text(json.dumps(identity, indent=2))
+    if done == steps and ema.exists():
         return ema
     tqdm.write(f"== training {name}: {steps} steps ({DESCRIPTIONS[name]})")
-    train(TrainArgs(data=s.data, out=str(out), steps=steps, batch=s.batch, dtype=s.dtype, seed=s.seed,
-                    device=s.device, ckpt_every=s.ckpt_every, log_every=s.log_every, resume=True, **kw))
+    train(args)
     return ema
 
 
@@ -143,7 +178,7 @@ def sample_npz(s: Settings, name: str, model: DiT) -> Path:
     """OUT/samples/NAME.npz in the ADM layout (arr_0 uint8 NHWC, arr_1 labels), sampled chunk by chunk;
     each chunk is kept, so a stopped run resumes at the first missing one. Sample i's noise depends only on
     (seed, i), so every model starts from the same noise and chunking changes nothing."""
-    tag = f"{s.sampler}{s.steps}-cfg{s.cfg:g}-{s.dtype}-seed{s.seed}-n{s.num_samples}"  # other settings: other files
+    tag = f"{fingerprint(model)}-{s.sampler}{s.steps}-cfg{s.cfg:g}-{s.dtype}-seed{s.seed}-n{s.num_samples}"
     path = Path(s.out) / "samples" / f"{name}-{tag}.npz"
     if path.exists():
         return path
@@ -173,12 +208,12 @@ def _write_numpy(tmp: Path, save, *args, **kwargs) -> None:
 
 def reference_npz(s: Settings) -> Path:
     """The 10,000 test images and labels in the ADM layout, padded to 32x32 as the models see them (the
-    classifier pads 28x28 images the same way, so its features do not change)."""
+    classifier pads 28x28 images the same way, so its features do not change); rebuilt on every run (a
+    second), so it always comes from --data."""
     path = Path(s.out) / "reference-test.npz"
-    if not path.exists():
-        test = open_dataset(s.data, split="test")
-        images = test.images.permute(0, 2, 3, 1).numpy()  # (N, 32, 32, 1)
-        atomic_write(path, lambda tmp: _write_numpy(tmp, np.savez, arr_0=images, arr_1=test.labels.numpy()))
+    test = open_dataset(s.data, split="test")
+    images = test.images.permute(0, 2, 3, 1).numpy()  # (N, 32, 32, 1)
+    atomic_write(path, lambda tmp: _write_numpy(tmp, np.savez, arr_0=images, arr_1=test.labels.numpy()))
     return path
 
 
@@ -198,7 +233,8 @@ def build_models(s: Settings) -> tuple[dict[str, DiT], dict[str, int]]:
     timesteps = plan(s.sampler, s.steps).timesteps
     fixed = fixed_grid_like(converted, timesteps)
     steps = {"dense": s.dense_steps, "converted": 0, "flexdit": s.finetune_steps, "flexdit-fixed": s.finetune_steps}
-    finetune = dict(init=str(dense_weights), layout="default", lr=s.finetune_lr, ema=s.finetune_ema)
+    finetune = dict(init=str(dense_weights), start=fingerprint(models["dense"]), layout="default",
+                    lr=s.finetune_lr, ema=s.finetune_ema)
     for name in s.models:
         if name == "converted":
             models[name] = converted
@@ -250,12 +286,14 @@ def environment(device: torch.device) -> dict:
 def markdown_table(rows: dict) -> str:
     head = ("| model | training steps | GFLOPs | FLOPs saved | images/s | speedup | FID-FM | vs dense | "
             "class accuracy | precision | recall |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
-    lines = []
-    for row in rows.values():
-        lines.append(f"| {row['description']} | {row['train_steps']} | {row['gflops']:.3f} | "
-                     f"{100 * row.get('flops_saving', 0):.0f}% | {row['images_per_s']:.1f} | "
-                     f"{row.get('speedup', 1):.2f}x | {row['fid']:.2f} | {100 * row.get('fid_fm_vs_dense', 0):+.1f}% | "
-                     f"{100 * row['class_accuracy']:.1f}% | {row['precision']:.3f} | {row['recall']:.3f} |")
+
+    def vs_dense(row: dict, key: str, form: str) -> str:  # "n/a" when the dense model was not evaluated
+        return form.format(row[key]) if key in row else "n/a"
+
+    lines = [f"| {row['description']} | {row['train_steps']} | {row['gflops']:.3f} | "
+             f"{vs_dense(row, 'flops_saving', '{:.0%}')} | {row['images_per_s']:.1f} | "
+             f"{vs_dense(row, 'speedup', '{:.2f}x')} | {row['fid']:.2f} | {vs_dense(row, 'fid_fm_vs_dense', '{:+.1%}')} | "
+             f"{row['class_accuracy']:.1%} | {row['precision']:.3f} | {row['recall']:.3f} |" for row in rows.values()]
     return head + "\n".join(lines) + "\n"
 
 
@@ -285,6 +323,14 @@ def run(s: Settings) -> dict:
             raise FlexDiTError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     if s.dtype not in DTYPES:
         raise FlexDiTError(f"unknown --dtype {s.dtype}; choose {', '.join(DTYPES)}")
+    for name in ("dense_steps", "batch", "sample_batch", "speed_batch", "speed_repeats", "steps"):
+        if getattr(s, name) < 1:
+            raise FlexDiTError(f"--{name.replace('_', '-')} must be at least 1")
+    if s.num_samples < MIN_SAMPLES:
+        raise FlexDiTError(f"--num-samples must be at least {MIN_SAMPLES} (k-nearest-neighbour precision/recall); "
+                           "thousands for meaningful FID-FM")
+    if importlib.util.find_spec("matplotlib") is None:  # checked now, not after hours of training
+        raise FlexDiTError("the plot needs matplotlib: pip install -e '.[experiments]'")
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -293,7 +339,7 @@ def run(s: Settings) -> dict:
     result = {"settings": asdict(s), "finetune_steps": s.finetune_steps, "command": " ".join(sys.argv),
               "environment": environment(resolve_device(s.device)), "reference": "Fashion-MNIST test set, 10000 images",
               "features": "flexdit/measure/weights/fmnist_classifier.safetensors", "models": rows,
-              "evaluation_seconds": time.time() - started}
+              "wall_seconds": time.time() - started}
     atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     atomic_write(out / "results.md", lambda tmp: tmp.write_text(markdown_table(rows)))
     plot(rows, out / "fid_vs_gflops.png")

@@ -43,8 +43,10 @@ def run_demo(out: str, dense_path: str | None = None, flexdit_path: str | None =
              device: str = "cpu", dtype: str = "bf16", log=print) -> DemoResult:
     if dtype not in DTYPES:
         raise FlexDiTError(f"unknown --dtype {dtype}; choose {', '.join(DTYPES)}")
-    if per_class < 1:
-        raise FlexDiTError(f"--per-class must be at least 1, got {per_class}")
+    if per_class < 1 or repeats < 1:
+        raise FlexDiTError(f"--per-class and --repeats must be at least 1, got {per_class} and {repeats}")
+    if Path(out).suffix.lower() != ".png":
+        raise FlexDiTError(f"--out {out} must be a .png file")
     dense_path, flexdit_path = Path(dense_path or DENSE_WEIGHTS), Path(flexdit_path or FLEXDIT_WEIGHTS)
     for p in (dense_path, flexdit_path):
         if not p.exists():

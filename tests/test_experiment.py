@@ -1,6 +1,7 @@
 """The Fashion-MNIST experiment end to end on a tiny model and data set: every stage runs, the outputs are
 written, and a second run resumes instead of redoing work."""
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,9 @@ from flexdit.sampling import decode, plan, sample
 from flexdit.schedule import FixedGrid
 
 from conftest import blob_images, write_idx
-from experiments.fashion_mnist import (MODELS, Settings, fixed_grid_like, main, parse_args, run, sample_labels,
-                                       sample_npz)
+from flexdit.errors import FlexDiTError
+from experiments.fashion_mnist import (MODELS, Settings, fingerprint, fixed_grid_like, main, markdown_table,
+                                       parse_args, run, sample_labels, sample_npz)
 
 # 20 samples have fewer points than the classifier has features: singular covariances are expected here
 pytestmark = pytest.mark.filterwarnings("ignore:Matrix is singular")
@@ -73,7 +75,8 @@ def test_outputs_are_written_and_copied(finished):
             assert (folder / f"samples_{name.replace('-', '_')}.png").exists()
     logs = sorted(p.name for p in (Path(s.results) / "fashion_mnist").glob("train_log_*.jsonl"))
     assert logs == ["train_log_dense.jsonl", "train_log_flexdit.jsonl", "train_log_flexdit_fixed.jsonl"]
-    with np.load(Path(s.out) / "samples" / "dense-ddim2-cfg1-fp32-seed0-n20.npz") as f:
+    dense = load(f"{s.out}/dense/ema.safetensors")
+    with np.load(Path(s.out) / "samples" / f"dense-{fingerprint(dense)}-ddim2-cfg1-fp32-seed0-n20.npz") as f:
         assert f["arr_0"].shape == (20, 32, 32, 1) and f["arr_0"].dtype == np.uint8
         assert f["arr_1"].tolist() == sample_labels(20)
 
@@ -92,12 +95,31 @@ def test_a_second_run_resumes_instead_of_redoing(finished):
     s, result = finished
     out = Path(s.out)
     watched = [out / "dense" / "checkpoints" / "step-0000010.pt", out / "flexdit" / "ema.safetensors",
-               out / "samples" / "flexdit-ddim2-cfg1-fp32-seed0-n20.npz"]
+               *(out / "samples").glob("*.npz")]
+    assert len(watched) == 2 + len(MODELS)
     before = [p.stat().st_mtime_ns for p in watched]
     again = run(s)
     assert [p.stat().st_mtime_ns for p in watched] == before
     for name in MODELS:
         assert again["models"][name]["fid"] == result["models"][name]["fid"]
+
+
+def test_changed_settings_are_refused_not_reused(finished):
+    s, _ = finished
+    with pytest.raises(FlexDiTError, match=r"run/flexdit was trained with other settings \(lr"):
+        run(Settings(**{**asdict(s), "finetune_lr": 3e-4}))
+    with pytest.raises(FlexDiTError, match="holds 10 training steps, more than the 8 asked for"):
+        run(Settings(**{**asdict(s), "dense_steps": 8}))
+
+
+def test_fingerprint_follows_the_weights(finished):
+    s, _ = finished
+    model = load(f"{s.out}/flexdit/ema.safetensors")
+    before = fingerprint(model)
+    assert fingerprint(load(f"{s.out}/flexdit/ema.safetensors")) == before
+    with torch.no_grad():
+        next(model.parameters())[0].add_(1e-3)
+    assert fingerprint(model) != before
 
 
 def test_chunked_sampling_equals_one_batch(finished, tmp_path):
@@ -122,10 +144,22 @@ def test_fixed_grid_matches_the_average_flops(finished):
     assert abs(per_grid[fixed[0]] - average) == min(abs(v - average) for v in per_grid.values())
 
 
+def test_table_says_n_a_without_the_dense_model(finished):
+    _, result = finished
+    rows = {name: {k: v for k, v in row.items() if k not in ("speedup", "flops_saving", "fid_fm_vs_dense")}
+            for name, row in result["models"].items() if name != "dense"}
+    table = markdown_table(rows)
+    assert table.count("n/a") == 3 * len(rows) and "1.00x" not in table
+
+
 def test_arguments_and_errors(data, tmp_path, capsys):
     s = parse_args(["--data", str(data), "--models", "dense,flexdit", "--steps", "7"])
     assert s.models == ["dense", "flexdit"] and s.steps == 7 and s.cfg == Settings(data="").cfg
     with pytest.raises(SystemExit, match="unknown model 'sparse'"):
         main(["--data", str(data), "--out", str(tmp_path), "--models", "dense,sparse"])
+    with pytest.raises(SystemExit, match="--num-samples must be at least 4"):
+        main(["--data", str(data), "--out", str(tmp_path), "--num-samples", "2"])
+    with pytest.raises(SystemExit, match="--speed-repeats must be at least 1"):
+        main(["--data", str(data), "--out", str(tmp_path), "--speed-repeats", "0"])
     with pytest.raises(SystemExit, match="data path not found"):
         main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])

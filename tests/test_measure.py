@@ -6,7 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from flexdit.diffusion.respace import space_timesteps
 from flexdit.errors import FlexDiTError
-from flexdit.measure.bench import bench
+from flexdit.measure.bench import bench, time_sampling
 from flexdit.measure.flops import block_macs, flops_report, model_macs
 from flexdit.measure.memory import LiveTensorBytes
 from flexdit.models.dit import DiT, model_config
@@ -15,7 +15,7 @@ from flexdit.sampling import plan
 from flexdit.nn.blocks import DENSE, GEN, POOL, RECOVER, SPARSE
 from flexdit.schedule import DensitySchedule, FixedGrid
 
-from conftest import tiny_config
+from conftest import tiny_config, tiny_model
 
 DDPM_250 = plan("ddpm", 250).timesteps
 
@@ -172,3 +172,11 @@ def test_bench_rejects_bad_options():
     if not torch.cuda.is_available():
         with pytest.raises(FlexDiTError, match="CUDA"):
             bench(model, [0], device="cuda")
+
+
+def test_time_sampling_times_every_model_and_checks_its_rounds():
+    models = {"a": tiny_model(), "b": tiny_model(seed=1)}
+    seconds = time_sampling(models, [0, 1], "ddim", 2, repeats=1, warmup=0)
+    assert seconds.keys() == models.keys() and all(s > 0 for s in seconds.values())
+    with pytest.raises(FlexDiTError, match="repeats must be at least 1"):
+        time_sampling(models, [0], "ddim", 2, repeats=0)

@@ -72,6 +72,8 @@ def time_sampling(models: dict[str, DiT], labels: list[int], sampler: str, steps
                   repeats: int = 3, warmup: int = 1, progress=lambda msg: None) -> dict[str, float]:
     """Median seconds to sample `labels` end to end with each model (same seed, sampler, steps and guidance);
     rounds alternate over the models, as time_cases does. A warm-up round uses 2 steps only."""
+    if repeats < 1 or warmup < 0:
+        raise FlexDiTError(f"repeats must be at least 1 and warm-up rounds at least 0, got {repeats} and {warmup}")
     times: dict[str, list[float]] = {name: [] for name in models}
     for round_ in range(warmup + repeats):
         progress(f"round {round_ + 1}/{warmup + repeats}" + (" (warm-up)" if round_ < warmup else ""))

@@ -256,10 +256,9 @@ def load_inception(path: str | os.PathLike | None = None, device="cpu") -> FIDIn
     (~/.cache/torch/hub/checkpoints/). Never downloads: a missing file is a FlexDiTError saying how to get it."""
     if path is not None:
         path, origin = Path(path).expanduser(), ""
-    elif os.environ.get(ENV_VAR):
-        path, origin = default_weights_path(), f" (from ${ENV_VAR})"
     else:
-        path, origin = default_weights_path(), f" (pytorch-fid's cache; ${ENV_VAR} is not set)"
+        path = default_weights_path()
+        origin = f" (from ${ENV_VAR})" if os.environ.get(ENV_VAR) else f" (pytorch-fid's cache; ${ENV_VAR} is not set)"
     if not path.is_file():
         raise FlexDiTError(f"FID Inception weights not found: {path}{origin}; flexdit never downloads: get "
                            f"{WEIGHTS_URL} (pytorch-fid's port of the TF graph) and pass --inception PATH or set "
