@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from flexdit.checkpoints import load
 from flexdit.cli import main
-from flexdit.demo import GAP
+from flexdit.demo import DENSE_WEIGHTS, FLEXDIT_WEIGHTS, GAP
 from flexdit.models.from_dense import flexdit_from_dense
 from flexdit.models.layout import Layout
 from flexdit.schedule import DensitySchedule
@@ -52,3 +53,10 @@ def test_demo_errors(pair, tmp_path, capsys):
     assert "--repeats must be at least 1" in cli_fails(capsys, "demo", "--dense", dense, "--flexdit", flex,
                                                        "--repeats", "0")
 
+
+
+def test_the_shipped_weights_are_a_dense_dit_and_its_flexdit():
+    dense, flex = load(DENSE_WEIGHTS), load(FLEXDIT_WEIGHTS)
+    assert dense.layout.is_dense and flex.layout.has_sparse_tokens
+    assert dense.config.input_size == flex.config.input_size == (32, 32) and dense.in_channels == 1
+    assert dense.num_parameters() == flex.num_parameters()

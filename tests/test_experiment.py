@@ -75,7 +75,7 @@ def test_outputs_are_written_and_copied(finished):
             assert (folder / f"samples_{name.replace('-', '_')}.png").exists()
     logs = sorted(p.name for p in (Path(s.results) / "fashion_mnist").glob("train_log_*.jsonl"))
     assert logs == ["train_log_dense.jsonl", "train_log_flexdit.jsonl", "train_log_flexdit_fixed.jsonl"]
-    dense = load(f"{s.out}/dense/ema.safetensors")
+    dense = load(f"{s.out}/dense/model.safetensors")
     with np.load(Path(s.out) / "samples" / f"dense-{fingerprint(dense)}-ddim2-cfg1-fp32-seed0-n20.npz") as f:
         assert f["arr_0"].shape == (20, 32, 32, 1) and f["arr_0"].dtype == np.uint8
         assert f["arr_1"].tolist() == sample_labels(20)
@@ -85,7 +85,7 @@ def test_the_demo_pair_is_shipped_in_bfloat16(finished):
     s, _ = finished
     for name in ("dense", "flexdit"):
         shipped = load(f"{s.ship}/fashion_mnist_{name}.safetensors")
-        trained = load(f"{s.out}/{name}/ema.safetensors")
+        trained = load(f"{s.out}/{name}/model.safetensors")
         assert shipped.config == trained.config
         for a, b in zip(shipped.parameters(), trained.parameters()):
             torch.testing.assert_close(a, b.bfloat16().float(), rtol=0, atol=0)
@@ -104,6 +104,14 @@ def test_a_second_run_resumes_instead_of_redoing(finished):
         assert again["models"][name]["fid"] == result["models"][name]["fid"]
 
 
+def test_the_evaluated_weights_are_the_raw_ones_by_default(finished):
+    s, _ = finished
+    raw = load(f"{s.out}/dense/checkpoints/step-0000010.pt", weights="model")
+    ema = load(f"{s.out}/dense/ema.safetensors")
+    evaluated = load(f"{s.out}/dense/model.safetensors")
+    assert fingerprint(evaluated) == fingerprint(raw) != fingerprint(ema)
+
+
 def test_changed_settings_are_refused_not_reused(finished):
     s, _ = finished
     with pytest.raises(FlexDiTError, match=r"run/flexdit was trained with other settings \(lr"):
@@ -114,9 +122,9 @@ def test_changed_settings_are_refused_not_reused(finished):
 
 def test_fingerprint_follows_the_weights(finished):
     s, _ = finished
-    model = load(f"{s.out}/flexdit/ema.safetensors")
+    model = load(f"{s.out}/flexdit/model.safetensors")
     before = fingerprint(model)
-    assert fingerprint(load(f"{s.out}/flexdit/ema.safetensors")) == before
+    assert fingerprint(load(f"{s.out}/flexdit/model.safetensors")) == before
     with torch.no_grad():
         next(model.parameters())[0].add_(1e-3)
     assert fingerprint(model) != before
@@ -124,7 +132,7 @@ def test_fingerprint_follows_the_weights(finished):
 
 def test_chunked_sampling_equals_one_batch(finished, tmp_path):
     s, _ = finished
-    model = load(f"{s.out}/flexdit/ema.safetensors")
+    model = load(f"{s.out}/flexdit/model.safetensors")
     chunked = tiny(s.data, tmp_path, num_samples=7, sample_batch=3)
     with np.load(sample_npz(chunked, "flexdit", model)) as f:
         images = f["arr_0"]
@@ -135,7 +143,7 @@ def test_chunked_sampling_equals_one_batch(finished, tmp_path):
 
 def test_fixed_grid_matches_the_average_flops(finished):
     s, _ = finished
-    flex = load(f"{s.out}/flexdit/ema.safetensors")
+    flex = load(f"{s.out}/flexdit/model.safetensors")
     timesteps = plan(s.sampler, s.steps).timesteps
     fixed = fixed_grid_like(flex, timesteps)
     average = flops_report(flex, timesteps).gflops
@@ -159,6 +167,8 @@ def test_arguments_and_errors(data, tmp_path, capsys):
         main(["--data", str(data), "--out", str(tmp_path), "--models", "dense,sparse"])
     with pytest.raises(SystemExit, match="--num-samples must be at least 4"):
         main(["--data", str(data), "--out", str(tmp_path), "--num-samples", "2"])
+    with pytest.raises(SystemExit, match="--weights must be model or ema"):
+        main(["--data", str(data), "--out", str(tmp_path), "--weights", "last"])
     with pytest.raises(SystemExit, match="--speed-repeats must be at least 1"):
         main(["--data", str(data), "--out", str(tmp_path), "--speed-repeats", "0"])
     with pytest.raises(SystemExit, match="data path not found"):
