@@ -173,3 +173,17 @@ def test_arguments_and_errors(data, tmp_path, capsys):
         main(["--data", str(data), "--out", str(tmp_path), "--speed-repeats", "0"])
     with pytest.raises(SystemExit, match="data path not found"):
         main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+
+
+def test_noise_prediction_diagnostic(finished, capsys):
+    from experiments.noise_prediction import main as noise_main
+
+    s, _ = finished
+    noise_main(["--data", s.data, "--timesteps", "10,900", "--num-images", "8",
+                f"raw={s.out}/dense/checkpoints/step-0000010.pt#model", f"ema={s.out}/dense/ema.safetensors"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["t", "raw", "ema"] and [line.split()[0] for line in lines[1:]] == ["10", "900"]
+    values = [float(v) for line in lines[1:] for v in line.split()[1:]]
+    assert all(v > 0 for v in values) and values[0] != values[1]
+    with pytest.raises(SystemExit, match="give NAME=CHECKPOINT"):
+        noise_main(["--data", s.data, "no-name"])
