@@ -22,6 +22,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     tmp = path.parent / f"{TEMP_PREFIX}{os.getpid()}-{path.name[-64:]}"
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # as a plain open() would create it (some writers create 0600 files)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -37,6 +38,12 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> None:
     """Delete temporary files a killed process left in `folder` (they are never valid outputs)."""
     for stale in Path(folder).glob(f"{TEMP_PREFIX}*"):
         stale.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; set it straight back
+    os.umask(mask)
+    return mask
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -256,6 +256,12 @@ def test_inception_path_with_random_weights(tmp_path, inception_file, monkeypatc
     for key in ("fid", "sfid", "inception_score", "precision", "recall"):
         assert np.isfinite(result[key]), key
     assert result["class_accuracy"] is None and result["num_samples"] == 4
+    assert result["reference_statistics"] == "computed"
+    # pool statistics precomputed, spatial ones computed from the images: said per kind
+    with_pool = write_npz(tmp_path / "rp.npz", arr_0=pixels(4, side=16, channels=3, seed=7), mu=np.zeros(2048),
+                          sigma=np.eye(2048))
+    mixed = evaluate(samples, with_pool, features="inception", inception_path=inception_file, batch_size=3)
+    assert mixed["reference_statistics"] == "pool precomputed, spatial computed"
 
 
 def test_compressed_npz_is_streamed_in_batches(tmp_path, fm):

@@ -149,7 +149,7 @@ def evaluate(samples_path, reference_path, features: str = "inception", inceptio
              batch_size: int | None = None, device="cpu", progress: bool = False) -> dict:
     """Compare an ADM sample batch with a reference batch. Returns a dict (JSON-ready: floats, ints, None,
     strings): features, samples, reference, num_samples, num_reference (None for a statistics-only
-    reference), reference_statistics ("precomputed" or "computed"), fid, sfid, inception_score,
+    reference), reference_statistics ("precomputed", "computed", or per kind when they differ), fid, sfid, inception_score,
     inception_score_std, precision, recall, class_accuracy and notes (a list of strings). A metric that does
     not apply is None: sfid for fmnist, class_accuracy for inception or unlabelled samples, precision/recall
     for a statistics-only reference."""
@@ -166,7 +166,7 @@ def evaluate(samples_path, reference_path, features: str = "inception", inceptio
         result = {"features": features, "samples": str(samples.path), "reference": str(reference.path),
                   "num_samples": len(samples.images),
                   "num_reference": None if reference.images is None else len(reference.images),
-                  "reference_statistics": "precomputed" if reference.stats else "computed",
+                  "reference_statistics": None,
                   "fid": None, "sfid": None, "inception_score": None, "inception_score_std": None,
                   "precision": None, "recall": None, "class_accuracy": None, "notes": notes}
         if features == "inception":
@@ -187,18 +187,22 @@ def evaluate(samples_path, reference_path, features: str = "inception", inceptio
             if kind in reference.stats:
                 _check_statistics(reference, kind, dim, features)
         # FID (pool) and sFID (spatial): the reference's own statistics where it has them, as ADM does
+        sources = {}  # feature kind -> "precomputed" or "computed"
         for kind, key in (("pool", "fid"), ("spatial", "sfid")):
             if kind not in dims:
                 continue
             if kind in reference.stats:
-                ref_stats = reference.stats[kind]
+                ref_stats, sources[kind] = reference.stats[kind], "precomputed"
             elif reference_f is not None:
-                ref_stats = feature_statistics(reference_f[kind])
+                ref_stats, sources[kind] = feature_statistics(reference_f[kind]), "computed"
             else:
                 notes.append(f"{key} needs reference images or {'/'.join(STAT_KEYS[kind])}; the reference has "
                              "neither")
                 continue
             result[key] = frechet_distance(*feature_statistics(sample_f[kind]), *ref_stats)
+        kinds = set(sources.values())
+        result["reference_statistics"] = (kinds.pop() if len(kinds) == 1 else
+                                          ", ".join(f"{kind} {how}" for kind, how in sources.items()) or "none")
         result["inception_score"], result["inception_score_std"] = inception_score(sample_f["logits"])
         if reference_f is None:
             notes.append("precision/recall need the reference images (arr_0); this reference holds statistics only")
