@@ -200,16 +200,11 @@ def sample_npz(s: Settings, name: str, model: DiT) -> Path:
         x = sample(model, labels[start:end], s.sampler, s.steps, cfg_scale=s.cfg, seed=s.seed,
                    sample_indices=list(range(start, end)), progress=True)
         images = decode(x)
-        atomic_write(chunk, lambda tmp: _write_numpy(tmp, np.save, images))
+        atomic_write(chunk, lambda tmp: np.save(tmp, images))
     images = np.concatenate([np.load(chunks / f"{start:06d}-{s.sample_batch}.npy") for start in starts])
-    atomic_write(path, lambda tmp: _write_numpy(tmp, np.savez, arr_0=images, arr_1=np.array(labels, dtype=np.int64)))
+    atomic_write(path, lambda tmp: np.savez(tmp, arr_0=images, arr_1=np.array(labels, dtype=np.int64)))
     shutil.rmtree(chunks)
     return path
-
-
-def _write_numpy(tmp: Path, save, *args, **kwargs) -> None:
-    with open(tmp, "wb") as f:  # np.save(z) adds a suffix to a path without it; a file object keeps the name
-        save(f, *args, **kwargs)
 
 
 def reference_npz(s: Settings) -> Path:
@@ -219,7 +214,7 @@ def reference_npz(s: Settings) -> Path:
     path = Path(s.out) / "reference-test.npz"
     test = open_dataset(s.data, split="test")
     images = test.images.permute(0, 2, 3, 1).numpy()  # (N, 32, 32, 1)
-    atomic_write(path, lambda tmp: _write_numpy(tmp, np.savez, arr_0=images, arr_1=test.labels.numpy()))
+    atomic_write(path, lambda tmp: np.savez(tmp, arr_0=images, arr_1=test.labels.numpy()))
     return path
 
 

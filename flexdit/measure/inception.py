@@ -18,6 +18,7 @@ Inputs are uint8 NHWC images of any size, scaled to [0, 1], resized to 299x299 b
 (align_corners=False) and mapped to [-1, 1], as pytorch-fid does; grey images are repeated to 3 channels.
 """
 import os
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import NamedTuple
 
@@ -54,11 +55,11 @@ def _avg_pool(x: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
 
 
-class InceptionBlock(nn.Module):
+class InceptionBlock(nn.Module, ABC):
     """A block whose output is its branches concatenated along channels; `branches` gives them separately."""
 
-    def branches(self, x: torch.Tensor) -> list[torch.Tensor]:
-        raise NotImplementedError
+    @abstractmethod
+    def branches(self, x: torch.Tensor) -> list[torch.Tensor]: ...
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat(self.branches(x), 1)
