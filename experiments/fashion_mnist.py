@@ -58,6 +58,7 @@ MIN_SAMPLES = 4  # the evaluator's minimum (3 nearest neighbours + 1)
 # training arguments that are not part of a run's identity: they do not change the weights, or (steps) a run
 # may be extended, and more steps than asked for is refused on its own
 NOT_IDENTITY = ("out", "resume", "device", "ckpt_every", "log_every", "keep", "steps")
+TRAIN_DEFAULTS = {name: f.default for name, f in TrainArgs.__dataclass_fields__.items()}
 METRICS = ("fid", "class_accuracy", "precision", "recall")  # fid: FID-FM, the Frechet distance on classifier features
 MODELS = ("dense", "converted", "flexdit", "flexdit-fixed")
 DESCRIPTIONS = {
@@ -86,6 +87,7 @@ class Settings:
     finetune_fraction: float = 0.15
     finetune_lr: float = 1e-4
     finetune_ema: float = 0.995  # time constant 200 steps: the EMA forgets the converted start within the run
+    finetune_distill: float = 0.0  # > 0: also match the dense model's predictions, with this weight (--teacher)
     # evaluation
     num_samples: int = 5000
     sampler: str = "ddim"
@@ -132,7 +134,9 @@ def _train(s: Settings, name: str, steps: int, start: str | None = None, **kw) -
     identity_path = out / "identity.json"
     if identity_path.exists():
         saved = json.loads(identity_path.read_text())
-        changed = sorted(k for k in identity.keys() | saved.keys() if identity.get(k) != saved.get(k))
+        # a setting a run did not record did not exist yet: that run had its default
+        saved = {k: saved.get(k, TRAIN_DEFAULTS.get(k)) for k in identity.keys() | saved.keys()}
+        changed = sorted(k for k in saved if identity.get(k) != saved[k])
         if changed:
             raise FlexDiTError(f"{out} was trained with other settings ({', '.join(changed)}: "
                                f"{[saved.get(k) for k in changed]} there, {[identity.get(k) for k in changed]} now); "
@@ -236,6 +240,8 @@ def build_models(s: Settings) -> tuple[dict[str, DiT], dict[str, int]]:
     steps = {"dense": s.dense_steps, "converted": 0, "flexdit": s.finetune_steps, "flexdit-fixed": s.finetune_steps}
     finetune = dict(init=str(dense_weights), start=fingerprint(models["dense"]), layout="default",
                     lr=s.finetune_lr, ema=s.finetune_ema)
+    if s.finetune_distill > 0:
+        finetune |= dict(teacher=str(dense_weights), distill=s.finetune_distill)
     for name in s.models:
         if name == "converted":
             models[name] = converted

@@ -437,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--ema", type=float, default=0.9999, help="EMA decay")
+    p.add_argument("--teacher", metavar="CKPT", help="also learn to match this model's predictions (distillation; "
+                                                     "usually the dense checkpoint of --init)")
+    p.add_argument("--distill", type=float, default=1.0, help="weight of the distillation term (with --teacher)")
     p.add_argument("--label-dropout", type=float, default=0.1, help="null-class probability (guidance)")
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--log-every", type=int, default=10)

@@ -118,6 +118,18 @@ def test_changed_settings_are_refused_not_reused(finished):
         run(Settings(**{**asdict(s), "finetune_lr": 3e-4}))
     with pytest.raises(FlexDiTError, match="holds 10 training steps, more than the 8 asked for"):
         run(Settings(**{**asdict(s), "dense_steps": 8}))
+    with pytest.raises(FlexDiTError, match=r"run/flexdit was trained with other settings \(distill"):
+        run(Settings(**{**asdict(s), "finetune_distill": 2.0}))
+
+
+def test_a_run_recorded_before_an_option_existed_had_its_default(finished):
+    s, _ = finished
+    identity = Path(s.out) / "dense" / "identity.json"
+    recorded = json.loads(identity.read_text())
+    assert recorded["teacher"] is None and recorded["distill"] == 1.0
+    identity.write_text(json.dumps({k: v for k, v in recorded.items() if k not in ("teacher", "distill")}))
+    run(s)  # reused, not refused
+    assert json.loads(identity.read_text()) == recorded
 
 
 def test_fingerprint_follows_the_weights(finished):

@@ -171,6 +171,32 @@ def test_training_errors(tmp_path, data, dense_ckpt):
         train(args(data, dense_ckpt, tmp_path / "e4", model="DiT-S/2"))
 
 
+def test_distillation_pulls_the_model_towards_its_teacher(tmp_path, data, dense_ckpt):
+    run = dict(steps=24, log_every=4, ckpt_every=24, ema=0.0)
+    distilled = train(args(data, dense_ckpt, tmp_path / "distill", teacher=str(dense_ckpt), distill=10.0, **run))
+    plain = train(args(data, dense_ckpt, tmp_path / "plain", **run))
+    for r in log(tmp_path / "distill"):  # the logged loss is the diffusion loss plus the weighted distillation term
+        assert r["loss"] == pytest.approx(r["mse"] + r["vb"] + 10.0 * r["distill"], rel=1e-6)
+    assert "distill" not in log(tmp_path / "plain")[0]
+    teacher = load(dense_ckpt, num_heads=4).eval()
+    g = torch.Generator().manual_seed(1)
+    x, t, y = torch.randn(16, 1, 32, 32, generator=g), torch.randint(0, 1000, (16,), generator=g), torch.arange(16) % 10
+    with torch.no_grad():
+        target = teacher(x, t, y)
+        gap = {name: (m.eval()(x, t, y) - target).pow(2).mean().item() for name, m in
+               (("distilled", distilled), ("plain", plain))}
+    assert gap["distilled"] < 0.5 * gap["plain"], gap
+
+
+def test_distillation_errors(tmp_path, data, dense_ckpt):
+    wrong_size = tmp_path / "wrong.pt"
+    torch.save(dit_state_dict(tiny_model(Layout.dense(6), input_size=(16, 16), in_channels=1)), wrong_size)
+    with pytest.raises(FlexDiTError, match="--teacher .* takes 1x16x16"):
+        train(args(data, dense_ckpt, tmp_path / "e1", teacher=str(wrong_size)))
+    with pytest.raises(FlexDiTError, match="--distill 0"):
+        train(args(data, dense_ckpt, tmp_path / "e2", teacher=str(dense_ckpt), distill=0.0))
+
+
 def test_fsdp_two_processes_train_save_and_resume(tmp_path, data, dense_ckpt):
     out = tmp_path / "fsdp"
     base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import fully_shard
@@ -32,6 +33,7 @@ from flexdit.schedule import NUM_TIMESTEPS, DensitySchedule, TimestepIntervals, 
 from flexdit.training.data import TrainData, open_dataset
 
 CHECKPOINT_VERSION = 1
+LOGGED = ("loss", "mse", "vb", "distill")  # per-step terms averaged over each log window
 
 
 @dataclass
@@ -66,6 +68,8 @@ class TrainArgs:
     depth: int | None = None  # --model: a custom depth
     image_size: int | None = None  # image folders: the size images are cropped to
     vae: str | None = None  # image folders: encode on the fly with this VAE
+    teacher: str | None = None  # a checkpoint whose predictions the model also learns to match (distillation)
+    distill: float = 1.0  # weight of the distillation term (with --teacher)
 
 
 # --- model ----------------------------------------------------------------------------------------------
@@ -95,6 +99,21 @@ def build_model(args: TrainArgs, data: TrainData) -> DiT:
     if data.num_classes > config.num_classes:
         raise FlexDiTError(f"the data has {data.num_classes} classes but the model only {config.num_classes}")
     return model
+
+
+def load_teacher(args: TrainArgs, student: DiT, device: torch.device) -> DiT:
+    """The frozen model whose outputs the student learns to match; it must predict the same thing."""
+    teacher = load_checkpoint(args.teacher, num_heads=args.num_heads).model
+    a, b = teacher.config, student.config
+    if (a.in_channels, tuple(a.input_size), a.learn_sigma) != (b.in_channels, tuple(b.input_size), b.learn_sigma):
+        raise FlexDiTError(f"--teacher {args.teacher} takes {a.in_channels}x{a.input_size[0]}x{a.input_size[1]} "
+                           f"(learned sigma: {a.learn_sigma}) but the model {b.in_channels}x{b.input_size[0]}x"
+                           f"{b.input_size[1]} (learned sigma: {b.learn_sigma}); use the dense model it came from")
+    if (a.num_classes, teacher.has_null_class) != (b.num_classes, student.has_null_class):
+        raise FlexDiTError(f"--teacher {args.teacher} has {a.num_classes} classes (null class: "
+                           f"{teacher.has_null_class}) but the model {b.num_classes} ({student.has_null_class}); "
+                           "use the dense model it came from")
+    return teacher.to(device).eval().requires_grad_(False)
 
 
 def timestep_plan(model: DiT, intervals: int) -> TimestepIntervals | None:
@@ -171,6 +190,8 @@ class Trainer:
         for name in ("steps", "ckpt_every", "log_every", "batch", "keep"):
             if getattr(args, name) < 1:
                 raise FlexDiTError(f"--{name.replace('_', '-')} must be at least 1")
+        if args.distill <= 0:
+            raise FlexDiTError(f"--distill {args.distill}: the distillation weight must be positive")
         self.local_batch = args.batch // ctx.world_size
         self.data = open_dataset(args.data, image_size=args.image_size, vae=args.vae, device=device)
         if len(self.data) < args.batch:
@@ -181,7 +202,7 @@ class Trainer:
         self.out = Path(args.out)
         self.log_path = self.out / "log.jsonl"
         self.step, self.epoch, self.position = 0, 0, 0
-        self.window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "count": 0}
+        self.window = self._empty_window()
         self._order: tuple[int, torch.Tensor | None] = (-1, None)  # (epoch, permutation), a pure function of both
 
         resume_from = latest_checkpoint(args.out) if args.resume else None
@@ -200,6 +221,7 @@ class Trainer:
         self.intervals = timestep_plan(model, args.intervals)
         self.diffusion = GaussianDiffusion(learn_sigma=model.config.learn_sigma)
         self.null_class = model.config.num_classes if model.has_null_class else None
+        self.teacher = load_teacher(args, model, device) if args.teacher else None
         self.model = model.to(device).train()
         self.ema = deepcopy(self.model).eval().requires_grad_(False)
         if state is not None:
@@ -216,7 +238,7 @@ class Trainer:
             set_optimizer_state_dict(self.model, self.opt, state["opt"], options=StateDictOptions(full_state_dict=True))
             self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
             if ctx.is_main:  # the saved window holds every rank's sums; the others restart from zero
-                self.window = state["log_window"]
+                self.window = self._empty_window() | state["log_window"]  # older checkpoints lack "distill"
                 _truncate_log(self.log_path, self.step)
         self.model.grad_checkpointing = args.grad_checkpointing
         if args.compile:
@@ -280,8 +302,15 @@ class Trainer:
         xt = self.diffusion.q_sample(x, t, noise)
         with torch.autocast(self.device.type, dtype=DTYPES[self.args.dtype], enabled=self.args.dtype != "fp32"):
             out = self.train_model(xt, t, y, grid=grid)
+            if self.teacher is not None:
+                with torch.no_grad():
+                    target = self.teacher(xt, t, y)
         terms = self.diffusion.training_losses(out, x, xt, t, noise)
         loss = terms["loss"].mean()
+        distill = torch.zeros(())
+        if self.teacher is not None:  # matching the dense model's prediction: a lower-variance target than the noise
+            distill = F.mse_loss(out.float(), target.float())
+            loss = loss + self.args.distill * distill
         finite = torch.isfinite(loss.detach()).float()
         if self.ctx.world_size > 1:  # every rank stops together instead of hanging in the gradient all-reduce
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
@@ -299,25 +328,30 @@ class Trainer:
         update_ema(self.ema, self.model, self.args.ema)
         self.step += 1
         return {"loss": loss.item(), "mse": terms["mse"].mean().item(),
-                "vb": terms["vb"].mean().item() if "vb" in terms else 0.0,
+                "vb": terms["vb"].mean().item() if "vb" in terms else 0.0, "distill": distill.item(),
                 "grid": "x".join(map(str, grid)) if grid else "dense", "interval": interval}
 
     # --- bookkeeping --------------------------------------------------------------------------------------
+    @staticmethod
+    def _empty_window() -> dict:
+        return dict.fromkeys(LOGGED, 0.0) | {"count": 0}
+
     def _log(self, last: dict, steps_per_s: float) -> dict:
-        loss, mse, vb, count = self._global_window()
-        record = {"step": self.step, "loss": loss / count, "mse": mse / count, "vb": vb / count,
-                  "grid": last["grid"], "interval": last["interval"], "steps_per_s": steps_per_s,
-                  "lr": self.args.lr, "time": time.time()}
-        self.window = {"loss": 0.0, "mse": 0.0, "vb": 0.0, "count": 0}
+        *sums, count = self._global_window()
+        record = {"step": self.step} | {k: v / count for k, v in zip(LOGGED, sums)}
+        if self.teacher is None:
+            del record["distill"]
+        record |= {"grid": last["grid"], "interval": last["interval"], "steps_per_s": steps_per_s,
+                   "lr": self.args.lr, "time": time.time()}
+        self.window = self._empty_window()
         if self.ctx.is_main:
             with self.log_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         return record
 
     def _global_window(self) -> list[float]:
-        """The open log window summed over ranks: loss, mse, vb sums and the step count."""
-        w = self.window
-        sums = torch.tensor([w["loss"], w["mse"], w["vb"], w["count"]], dtype=torch.float64, device=self.device)
+        """The open log window summed over ranks: the sums of LOGGED and the step count."""
+        sums = torch.tensor([self.window[k] for k in (*LOGGED, "count")], dtype=torch.float64, device=self.device)
         if self.ctx.world_size > 1:
             dist.all_reduce(sums)
         return sums.tolist()
@@ -329,7 +363,7 @@ class Trainer:
             "version": CHECKPOINT_VERSION, "step": self.step, "epoch": self.epoch, "position": self.position,
             "model": get_model_state_dict(self.model, options=full), "ema": get_model_state_dict(self.ema, options=full),
             "opt": get_optimizer_state_dict(self.model, self.opt, options=full),
-            "log_window": dict(zip(("loss", "mse", "vb", "count"), self._global_window())),
+            "log_window": dict(zip((*LOGGED, "count"), self._global_window())),
             "model_config": json.dumps(self.model.config.to_dict()),
             "train_args": json.dumps(asdict(self.args)),
         }
@@ -368,7 +402,7 @@ class Trainer:
         tick, tick_step = time.perf_counter(), self.step
         while self.step < args.steps:
             last = self.train_step()
-            for k in ("loss", "mse", "vb"):
+            for k in LOGGED:
                 self.window[k] += last[k]
             self.window["count"] += 1
             bar.update(1)
