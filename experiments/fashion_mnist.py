@@ -211,15 +211,22 @@ def sample_npz(s: Settings, name: str, model: DiT) -> Path:
     return path
 
 
-def reference_npz(s: Settings) -> Path:
-    """The 10,000 test images and labels in the ADM layout, padded to 32x32 as the models see them (the
-    classifier pads 28x28 images the same way, so its features do not change); rebuilt on every run (a
-    second), so it always comes from --data."""
-    path = Path(s.out) / "reference-test.npz"
-    test = open_dataset(s.data, split="test")
-    images = test.images.permute(0, 2, 3, 1).numpy()  # (N, 32, 32, 1)
-    atomic_write(path, lambda tmp: np.savez(tmp, arr_0=images, arr_1=test.labels.numpy()))
+def dataset_npz(s: Settings, split: str, n: int | None = None) -> Path:
+    """The first n images (all: None) of a split and their labels in the ADM layout, padded to 32x32 as the
+    models see them (the classifier pads 28x28 images the same way, so its features do not change); rebuilt on
+    every run (a second), so they always come from --data."""
+    data = open_dataset(s.data, split=split)
+    images, labels = data.images[:n].permute(0, 2, 3, 1).numpy(), data.labels[:n].numpy()  # (N, 32, 32, 1)
+    path = Path(s.out) / f"{split}-images-n{len(labels)}.npz"
+    atomic_write(path, lambda tmp: np.savez(tmp, arr_0=images, arr_1=labels))
     return path
+
+
+def real_data_scores(s: Settings, reference: Path) -> dict:
+    """The metrics of --num-samples real training images: what a perfect model would score at this sample size."""
+    scores = evaluate(dataset_npz(s, "train", s.num_samples), reference, features="fmnist",
+                      device=resolve_device(s.device))
+    return {"num_images": scores["num_samples"]} | {k: scores[k] for k in METRICS}
 
 
 def class_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 10) -> np.ndarray:
@@ -254,12 +261,11 @@ def build_models(s: Settings) -> tuple[dict[str, DiT], dict[str, int]]:
     return {name: models[name] for name in s.models}, {name: steps[name] for name in s.models}
 
 
-def evaluate_models(s: Settings, models: dict[str, DiT], train_steps: dict[str, int]) -> dict:
+def evaluate_models(s: Settings, models: dict[str, DiT], train_steps: dict[str, int], reference: Path) -> dict:
     device, dtype = resolve_device(s.device), DTYPES[s.dtype]
     for model in models.values():
         model.to(device, dtype).eval().requires_grad_(False)
     timesteps = plan(s.sampler, s.steps).timesteps
-    reference = reference_npz(s)
     rows = {}
     for name, model in models.items():
         npz = sample_npz(s, name, model)
@@ -290,7 +296,7 @@ def environment(device: torch.device) -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
-def markdown_table(rows: dict) -> str:
+def markdown_table(rows: dict, real: dict | None = None) -> str:
     head = ("| model | training steps | GFLOPs | FLOPs saved | images/s | speedup | FID-FM | vs dense | "
             "class accuracy | precision | recall |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 
@@ -301,7 +307,12 @@ def markdown_table(rows: dict) -> str:
              f"{vs_dense(row, 'flops_saving', '{:.0%}')} | {row['images_per_s']:.1f} | "
              f"{vs_dense(row, 'speedup', '{:.2f}x')} | {row['fid']:.2f} | {vs_dense(row, 'fid_fm_vs_dense', '{:+.1%}')} | "
              f"{row['class_accuracy']:.1%} | {row['precision']:.3f} | {row['recall']:.3f} |" for row in rows.values()]
-    return head + "\n".join(lines) + "\n"
+    table = head + "\n".join(lines) + "\n"
+    if real is not None:
+        table += (f"\nFor scale, {real['num_images']} real training images score FID-FM {real['fid']:.2f}, class "
+                  f"accuracy {real['class_accuracy']:.1%} (the classifier was trained on them), precision "
+                  f"{real['precision']:.3f} and recall {real['recall']:.3f} against the same test images.\n")
+    return table
 
 
 def plot(rows: dict, path: Path) -> None:
@@ -344,13 +355,15 @@ def run(s: Settings) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     models, train_steps = build_models(s)
-    rows = evaluate_models(s, models, train_steps)
+    reference = dataset_npz(s, "test")
+    rows = evaluate_models(s, models, train_steps, reference)
+    real = real_data_scores(s, reference)
     result = {"settings": asdict(s), "finetune_steps": s.finetune_steps, "command": " ".join(sys.argv),
               "environment": environment(resolve_device(s.device)), "reference": "Fashion-MNIST test set, 10000 images",
-              "features": "flexdit/measure/weights/fmnist_classifier.safetensors", "models": rows,
+              "features": "flexdit/measure/weights/fmnist_classifier.safetensors", "models": rows, "real_data": real,
               "wall_seconds": time.time() - started}
     atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
-    atomic_write(out / "results.md", lambda tmp: tmp.write_text(markdown_table(rows)))
+    atomic_write(out / "results.md", lambda tmp: tmp.write_text(markdown_table(rows, real)))
     plot(rows, out / "fid_vs_gflops.png")
     if s.results:
         dest = Path(s.results) / "fashion_mnist"
@@ -360,7 +373,7 @@ def run(s: Settings) -> dict:
         for name in train_steps:
             if (out / name / "log.jsonl").exists():
                 shutil.copy(out / name / "log.jsonl", dest / f"train_log_{name.replace('-', '_')}.jsonl")
-    print(markdown_table(rows))
+    print(markdown_table(rows, real))
     return result
 
 
