@@ -358,8 +358,11 @@ def run(s: Settings) -> dict:
     reference = dataset_npz(s, "test")
     rows = evaluate_models(s, models, train_steps, reference)
     real = real_data_scores(s, reference)
+    with np.load(reference) as f:
+        num_reference = len(f["arr_1"])
     result = {"settings": asdict(s), "finetune_steps": s.finetune_steps, "command": " ".join(sys.argv),
-              "environment": environment(resolve_device(s.device)), "reference": "Fashion-MNIST test set, 10000 images",
+              "environment": environment(resolve_device(s.device)),
+              "reference": f"Fashion-MNIST test set, {num_reference} images",
               "features": "flexdit/measure/weights/fmnist_classifier.safetensors", "models": rows, "real_data": real,
               "wall_seconds": time.time() - started}
     atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))

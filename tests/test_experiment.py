@@ -71,6 +71,7 @@ def test_outputs_are_written_and_copied(finished):
         table = (folder / "results.md").read_text()
         assert table.count("\n|") == 1 + len(MODELS) and "For scale, 20 real training images score FID-FM" in table
         assert saved["real_data"]["num_images"] == 20 and 0 <= saved["real_data"]["class_accuracy"] <= 1
+        assert saved["reference"] == "Fashion-MNIST test set, 20 images"
         assert (folder / "fid_vs_gflops.png").stat().st_size > 1000
         for name in MODELS:
             assert (folder / f"samples_{name.replace('-', '_')}.png").exists()
