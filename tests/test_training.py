@@ -188,6 +188,18 @@ def test_distillation_pulls_the_model_towards_its_teacher(tmp_path, data, dense_
     assert gap["distilled"] < 0.5 * gap["plain"], gap
 
 
+def test_lr_warmup_is_linear_and_resumes_exactly(tmp_path, data, dense_ckpt):
+    run = dict(lr_warmup=4, log_every=1, ckpt_every=3)
+    straight = train(args(data, dense_ckpt, tmp_path / "a", **run))
+    assert [r["lr"] for r in log(tmp_path / "a")] == pytest.approx([2.5e-4, 5e-4, 7.5e-4] + [1e-3] * 5)
+    train(args(data, dense_ckpt, tmp_path / "b", steps=3, **run))  # stopped inside the warm-up
+    resumed = train(args(data, dense_ckpt, tmp_path / "b", resume=True, **run))
+    for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), name
+    with pytest.raises(FlexDiTError, match="--lr-warmup -1"):
+        train(args(data, dense_ckpt, tmp_path / "e", lr_warmup=-1))
+
+
 def test_distillation_errors(tmp_path, data, dense_ckpt):
     wrong_size = tmp_path / "wrong.pt"
     torch.save(dit_state_dict(tiny_model(Layout.dense(6), input_size=(16, 16), in_channels=1)), wrong_size)

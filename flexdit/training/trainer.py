@@ -49,6 +49,7 @@ class TrainArgs:
     steps: int = 1000
     batch: int = 32  # global batch, split over ranks
     lr: float = 1e-4
+    lr_warmup: int = 0  # steps of linear learning-rate warm-up from 0 (the paper and DiT use none)
     weight_decay: float = 0.0
     ema: float = 0.9999
     label_dropout: float = 0.1
@@ -190,6 +191,8 @@ class Trainer:
         for name in ("steps", "ckpt_every", "log_every", "batch", "keep"):
             if getattr(args, name) < 1:
                 raise FlexDiTError(f"--{name.replace('_', '-')} must be at least 1")
+        if args.lr_warmup < 0:
+            raise FlexDiTError(f"--lr-warmup {args.lr_warmup}: the warm-up must be 0 or more steps")
         if args.distill <= 0:
             raise FlexDiTError(f"--distill {args.distill}: the distillation weight must be positive")
         self.local_batch = args.batch // ctx.world_size
@@ -318,6 +321,8 @@ class Trainer:
             raise FlexDiTError(f"the loss is not finite at step {self.step} (on some rank); lower --lr or use "
                                "--dtype fp32")
         self.opt.zero_grad(set_to_none=True)
+        for group in self.opt.param_groups:  # a pure function of the step, so a resumed run gets it right
+            group["lr"] = self.lr()
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.opt)
@@ -331,6 +336,12 @@ class Trainer:
                 "vb": terms["vb"].mean().item() if "vb" in terms else 0.0, "distill": distill.item(),
                 "grid": "x".join(map(str, grid)) if grid else "dense", "interval": interval}
 
+    def lr(self, step: int | None = None) -> float:
+        """The learning rate of optimiser step `step` (default: the next one)."""
+        step = self.step if step is None else step
+        warmup = self.args.lr_warmup
+        return self.args.lr * min(1.0, (step + 1) / warmup) if warmup else self.args.lr
+
     # --- bookkeeping --------------------------------------------------------------------------------------
     @staticmethod
     def _empty_window() -> dict:
@@ -342,7 +353,7 @@ class Trainer:
         if self.teacher is None:
             del record["distill"]
         record |= {"grid": last["grid"], "interval": last["interval"], "steps_per_s": steps_per_s,
-                   "lr": self.args.lr, "time": time.time()}
+                   "lr": self.lr(self.step - 1), "time": time.time()}
         self.window = self._empty_window()
         if self.ctx.is_main:
             with self.log_path.open("a") as f:
