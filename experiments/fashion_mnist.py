@@ -139,7 +139,7 @@ def _train(s: Settings, name: str, steps: int, start: str | None = None, **kw) -
         changed = sorted(k for k in saved if identity.get(k) != saved[k])
         if changed:
             raise FlexDiTError(f"{out} was trained with other settings ({', '.join(changed)}: "
-                               f"{[saved.get(k) for k in changed]} there, {[identity.get(k) for k in changed]} now); "
+                               f"{[saved[k] for k in changed]} there, {[identity.get(k) for k in changed]} now); "
                                "delete that folder or choose another --out")
     last = latest_checkpoint(str(out))
     done = int(last.stem.split("-")[1]) if last is not None else 0
@@ -226,7 +226,8 @@ def real_data_scores(s: Settings, reference: Path) -> dict:
     """The metrics of --num-samples real training images: what a perfect model would score at this sample size."""
     scores = evaluate(dataset_npz(s, "train", s.num_samples), reference, features="fmnist",
                       device=resolve_device(s.device))
-    return {"num_images": scores["num_samples"]} | {k: scores[k] for k in METRICS}
+    counts = {"num_images": scores["num_samples"], "num_reference": scores["num_reference"]}
+    return counts | {k: scores[k] for k in METRICS}
 
 
 def class_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 10) -> np.ndarray:
@@ -358,11 +359,9 @@ def run(s: Settings) -> dict:
     reference = dataset_npz(s, "test")
     rows = evaluate_models(s, models, train_steps, reference)
     real = real_data_scores(s, reference)
-    with np.load(reference) as f:
-        num_reference = len(f["arr_1"])
     result = {"settings": asdict(s), "finetune_steps": s.finetune_steps, "command": " ".join(sys.argv),
               "environment": environment(resolve_device(s.device)),
-              "reference": f"Fashion-MNIST test set, {num_reference} images",
+              "reference": f"Fashion-MNIST test set, {real['num_reference']} images",
               "features": "flexdit/measure/weights/fmnist_classifier.safetensors", "models": rows, "real_data": real,
               "wall_seconds": time.time() - started}
     atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
