@@ -45,6 +45,14 @@ def dense_ckpt(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def wrong_size(tmp_path_factory) -> Path:
+    """A dense DiT for 16 x 16 inputs: the wrong size for the data and for a 32 x 32 student."""
+    path = tmp_path_factory.mktemp("ckpt") / "wrong.pt"
+    torch.save(dit_state_dict(tiny_model(Layout.dense(6), input_size=(16, 16), in_channels=1)), path)
+    return path
+
+
 def args(data, dense_ckpt, out, **kw) -> TrainArgs:
     base = dict(data=str(data), init=str(dense_ckpt), num_heads=4, layout=FLEX_LAYOUT, density="0.3,0.8", out=str(out),
                 steps=8, batch=8, lr=1e-3, ema=0.9, ckpt_every=4, log_every=2, device="cpu", seed=3)
@@ -151,13 +159,11 @@ def test_conversion_keeps_what_the_dense_model_knew(tmp_path, data, dense_ckpt):
     assert flex_loss < 0.5 * untrained_loss
 
 
-def test_training_errors(tmp_path, data, dense_ckpt):
+def test_training_errors(tmp_path, data, dense_ckpt, wrong_size):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FlexDiTError):
         train(args(empty, dense_ckpt, tmp_path / "e1"))
-    wrong_size = tmp_path / "wrong.pt"
-    torch.save(dit_state_dict(tiny_model(Layout.dense(6), input_size=(16, 16), in_channels=1)), wrong_size)
     with pytest.raises(FlexDiTError, match="data's samples are 1x32x32"):
         train(args(data, wrong_size, tmp_path / "e2"))
     train(args(data, dense_ckpt, tmp_path / "r", steps=2, ckpt_every=2))
@@ -200,9 +206,7 @@ def test_lr_warmup_is_linear_and_resumes_exactly(tmp_path, data, dense_ckpt):
         train(args(data, dense_ckpt, tmp_path / "e", lr_warmup=-1))
 
 
-def test_distillation_errors(tmp_path, data, dense_ckpt):
-    wrong_size = tmp_path / "wrong.pt"
-    torch.save(dit_state_dict(tiny_model(Layout.dense(6), input_size=(16, 16), in_channels=1)), wrong_size)
+def test_distillation_errors(tmp_path, data, dense_ckpt, wrong_size):
     with pytest.raises(FlexDiTError, match="--teacher .* takes 1x16x16"):
         train(args(data, dense_ckpt, tmp_path / "e1", teacher=str(wrong_size)))
     with pytest.raises(FlexDiTError, match="--distill 0"):
