@@ -323,12 +323,13 @@ def plot(rows: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for row in rows.values():
-        ax.scatter(row["gflops"], row["fid"], s=40)
-        ax.annotate(row["description"], (row["gflops"], row["fid"]), textcoords="offset points", xytext=(5, 5),
-                    fontsize=8)
+    # a legend, not labels next to the points: models of about the same FLOPs and FID would overlap
+    for row, marker in zip(rows.values(), "osD^v<>p"):
+        ax.scatter(row["gflops"], row["fid"], s=40, marker=marker, label=row["description"])
+    ax.legend(fontsize=8)
+    ax.set_yscale("log")  # a converted model's FID can be several times the others'
     ax.set_xlabel("GFLOPs per forward pass (average over the sampler's steps)")
-    ax.set_ylabel("FID-FM (lower is better)")
+    ax.set_ylabel("FID-FM (log scale, lower is better)")
     ax.set_title("Fashion-MNIST: fidelity against compute")
     ax.grid(alpha=0.3)
     fig.tight_layout()
