@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from flexdit.checkpoints import load
+from flexdit.diffusion.gaussian import GaussianDiffusion
 from flexdit.measure.flops import flops_report
 from flexdit.sampling import decode, plan, sample
 from flexdit.schedule import FixedGrid
+from flexdit.training.data import open_dataset
 
 from conftest import blob_images, write_idx
 from flexdit.errors import FlexDiTError
@@ -201,3 +203,34 @@ def test_noise_prediction_diagnostic(finished, capsys):
     assert all(v > 0 for v in values) and values[0] != values[1]
     with pytest.raises(SystemExit, match="give NAME=CHECKPOINT"):
         noise_main(["--data", s.data, "no-name"])
+
+
+def test_noise_prediction_wrong_labels(finished, capsys, tmp_path):
+    """The wrong-label column is the relative rise of the model's own error, and the true-label column is unchanged."""
+    from experiments.noise_prediction import main as noise_main, noise_mse
+
+    s, _ = finished
+    model = load(f"{s.out}/dense/checkpoints/step-0000010.pt", weights="model")
+    with torch.no_grad():  # ten training steps barely use the label: make the class embeddings matter
+        model.y_embedder.embedding_table.weight.normal_(generator=torch.Generator().manual_seed(0))
+    ckpt = str(tmp_path / "labelled.safetensors")
+    model.save(ckpt)
+    noise_main(["--data", s.data, "--timesteps", "500", "--num-images", "16", f"m={ckpt}"])
+    plain = capsys.readouterr().out.splitlines()
+    noise_main(["--data", s.data, "--timesteps", "500", "--num-images", "16", "--wrong-labels", f"m={ckpt}"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["t", "m", "m:wrong"]
+    assert lines[1].split()[:2] == plain[1].split() and lines[1].split()[2].endswith("%")
+
+    table = noise_mse({"m": model}, s.data, [500], 16, 0, wrong_labels=True)[500]
+    # the model does depend on its label, so the wrong classes change the error
+    assert table["m:wrong"] != 0
+    with torch.no_grad():  # recompute the wrong-label error by hand: the column is its ratio minus one
+        test = open_dataset(s.data, split="test")
+        x0, y = test.batch(torch.arange(16))
+        shift = torch.randint(1, 10, y.shape, generator=torch.Generator().manual_seed(0))
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(500))
+        t = torch.full((16,), 500)
+        xt = GaussianDiffusion().q_sample(x0, t, noise)
+        wrong = (model(xt, t, (y + shift) % 10)[:, :1] - noise).square().mean().item()
+    assert torch.isclose(torch.tensor(table["m:wrong"]), torch.tensor(wrong / table["m"] - 1), rtol=1e-4)
