@@ -20,6 +20,11 @@ from flexdit.errors import FlexDiTError
 from flexdit.training.data import open_dataset
 
 
+def _noise_error(model, xt: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, noise: torch.Tensor) -> float:
+    """Mean squared error of the model's predicted noise (its first C output channels)."""
+    return (model(xt, t, labels)[:, : noise.shape[1]] - noise).square().mean().item()
+
+
 @torch.no_grad()
 def noise_mse(models: dict, data: str, timesteps: list[int], num_images: int, seed: int,
               wrong_labels: bool = False) -> dict[int, dict[str, float]]:
@@ -39,10 +44,9 @@ def noise_mse(models: dict, data: str, timesteps: list[int], num_images: int, se
         xt = diffusion.q_sample(x0, tt, noise)
         row = {}
         for name, m in models.items():
-            row[name] = (m(xt, tt, y)[:, : x0.shape[1]] - noise).square().mean().item()
+            row[name] = _noise_error(m, xt, tt, y, noise)
             if wrong_labels:
-                wrong = (m(xt, tt, y_wrong)[:, : x0.shape[1]] - noise).square().mean().item()
-                row[f"{name}:wrong"] = wrong / row[name] - 1
+                row[f"{name}:wrong"] = _noise_error(m, xt, tt, y_wrong, noise) / row[name] - 1
         table[t] = row
     return table
 
