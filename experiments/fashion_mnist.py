@@ -171,10 +171,15 @@ def fixed_grid_like(flex: DiT, timesteps: list[int]) -> tuple[int, int]:
 
 
 def ship_weights(dense: DiT, flex: DiT, folder: Path) -> None:
-    """bfloat16 copies for `flexdit demo` (half the size; the demo and the evaluation sample in bfloat16)."""
+    """bfloat16 copies for `flexdit demo` (half the size; the demo and the evaluation sample in bfloat16).
+    A file that already holds the same weights is left alone: safetensors writes its metadata in a random order,
+    so rewriting it would change the committed bytes."""
     folder.mkdir(parents=True, exist_ok=True)
     for name, model in (("dense", dense), ("flexdit", flex)):
-        deepcopy(model).to(torch.bfloat16).save(str(folder / f"fashion_mnist_{name}.safetensors"))
+        path = folder / f"fashion_mnist_{name}.safetensors"
+        copy = deepcopy(model).to(torch.bfloat16)
+        if not path.exists() or fingerprint(load(str(path))) != fingerprint(copy):
+            copy.save(str(path))
     tqdm.write(f"== wrote the demo weights to {folder}")
 
 

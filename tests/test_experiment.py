@@ -18,7 +18,7 @@ from flexdit.training.data import open_dataset
 from conftest import blob_images, write_idx
 from flexdit.errors import FlexDiTError
 from experiments.fashion_mnist import (MODELS, Settings, fingerprint, fixed_grid_like, main, markdown_table,
-                                       parse_args, run, sample_labels, sample_npz)
+                                       parse_args, run, sample_labels, sample_npz, ship_weights)
 
 # 20 samples have fewer points than the classifier has features: singular covariances are expected here
 pytestmark = pytest.mark.filterwarnings("ignore:Matrix is singular")
@@ -93,6 +93,20 @@ def test_the_demo_pair_is_shipped_in_bfloat16(finished):
         assert shipped.config == trained.config
         for a, b in zip(shipped.parameters(), trained.parameters()):
             torch.testing.assert_close(a, b.bfloat16().float(), rtol=0, atol=0)
+
+
+def test_shipping_the_same_weights_again_leaves_the_files_alone(finished, tmp_path):
+    s, _ = finished
+    dense, flex = (load(f"{s.out}/{name}/model.safetensors") for name in ("dense", "flexdit"))
+    ship_weights(dense, flex, tmp_path)
+    files = sorted(tmp_path.glob("*.safetensors"))
+    before = [(p.read_bytes(), p.stat().st_mtime_ns) for p in files]
+    ship_weights(dense, flex, tmp_path)
+    assert [(p.read_bytes(), p.stat().st_mtime_ns) for p in files] == before
+    with torch.no_grad():
+        flex.final_layer.linear.bias.add_(1.0)
+    ship_weights(dense, flex, tmp_path)
+    assert load(str(files[1])).final_layer.linear.bias.float().equal(flex.final_layer.linear.bias.bfloat16().float())
 
 
 def test_a_second_run_resumes_instead_of_redoing(finished):
