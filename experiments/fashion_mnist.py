@@ -178,9 +178,11 @@ def ship_weights(dense: DiT, flex: DiT, folder: Path) -> None:
     for name, model in (("dense", dense), ("flexdit", flex)):
         path = folder / f"fashion_mnist_{name}.safetensors"
         copy = deepcopy(model).to(torch.bfloat16)
-        if not path.exists() or fingerprint(load(str(path))) != fingerprint(copy):
+        if path.exists() and fingerprint(load(str(path))) == fingerprint(copy):
+            tqdm.write(f"== {path} already holds these weights; left alone")
+        else:
             copy.save(str(path))
-    tqdm.write(f"== wrote the demo weights to {folder}")
+            tqdm.write(f"== wrote {path}")
 
 
 # --- sampling ----------------------------------------------------------------------------------------------
