@@ -3,8 +3,8 @@
     python -m experiments.fashion_mnist --data ../shared/data/fashion-mnist
 
 1. trains a dense class-conditional DiT in pixel space (1x32x32, patch 2: 256 tokens, as DiT-XL/2 at
-   256 px), depth 12 so that FlexDiT's default layout 2+2x1-2-1-1+0 fits (2 Poolingformer blocks, then two
-   SDTMs, the second SDTM's dense block on top);
+   256 px), depth 12: room for a FlexDiT layout with a Poolingformer at the bottom, two SDTMs, and the
+   second SDTM's dense block on top (--layout; its default keeps layer 1 dense, see below);
 2. converts it to a FlexDiT with a temporal density schedule and fine-tunes it for --finetune-fraction of
    the dense steps; the converted model before fine-tuning is evaluated too;
 3. fine-tunes, for the same steps, a FlexDiT at one fixed grid (no temporal schedule; the paper's ablation),
@@ -47,6 +47,7 @@ from flexdit.measure.bench import time_sampling
 from flexdit.measure.evaluate import evaluate
 from flexdit.measure.flops import flops_report, grid_name, model_macs
 from flexdit.models.dit import DiT
+from flexdit.models.layout import Layout
 from flexdit.sampling import decode, image_grid, plan, sample
 from flexdit.schedule import parse_density
 from flexdit.training.data import open_dataset
@@ -84,6 +85,9 @@ class Settings:
     dense_ema: float = 0.9995
     # the FlexDiTs
     density: str = "0.61,0.86"
+    # layer 1 stays dense: as a Poolingformer it costs this model most of its fidelity (results/fashion_mnist/
+    # gap_probes.md, section 8); 43.5% fewer FLOPs instead of the depth-12 default 2+2x1-2-1-1+0's 48%
+    layout: str = "pool,dense,gen,sparse,sparse,recover,dense,gen,sparse,sparse,recover,dense"
     finetune_fraction: float = 0.15
     finetune_lr: float = 1e-4
     finetune_ema: float = 0.995  # time constant 200 steps: the EMA forgets the converted start within the run
@@ -249,11 +253,11 @@ def build_models(s: Settings) -> tuple[dict[str, DiT], dict[str, int]]:
     density = parse_density(s.density)
     dense_weights = train_dense(s)
     models = {"dense": load(dense_weights)}
-    converted = load(dense_weights, layout="default", density=density)
+    converted = load(dense_weights, layout=s.layout, density=density)
     timesteps = plan(s.sampler, s.steps).timesteps
     fixed = fixed_grid_like(converted, timesteps)
     steps = {"dense": s.dense_steps, "converted": 0, "flexdit": s.finetune_steps, "flexdit-fixed": s.finetune_steps}
-    finetune = dict(init=str(dense_weights), start=fingerprint(models["dense"]), layout="default",
+    finetune = dict(init=str(dense_weights), start=fingerprint(models["dense"]), layout=s.layout,
                     lr=s.finetune_lr, ema=s.finetune_ema)
     if s.finetune_distill > 0:
         finetune |= dict(teacher=str(dense_weights), distill=s.finetune_distill)
@@ -358,6 +362,8 @@ def run(s: Settings) -> dict:
     if s.num_samples < MIN_SAMPLES:
         raise FlexDiTError(f"--num-samples must be at least {MIN_SAMPLES} (k-nearest-neighbour precision/recall); "
                            "thousands for meaningful FID-FM")
+    if not Layout.parse(s.layout, s.depth).has_sparse_tokens:  # checked now, not after the dense training
+        raise FlexDiTError(f"--layout {s.layout} has no sparse tokens; give a FlexDiT layout (with gen and recover)")
     if importlib.util.find_spec("matplotlib") is None:  # checked now, not after hours of training
         raise FlexDiTError("the plot needs matplotlib: pip install -e '.[experiments]'")
     out = Path(s.out)
