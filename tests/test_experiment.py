@@ -11,6 +11,7 @@ import torch
 from flexdit.checkpoints import load
 from flexdit.diffusion.gaussian import GaussianDiffusion
 from flexdit.measure.flops import flops_report
+from flexdit.models.layout import Layout
 from flexdit.sampling import decode, plan, sample
 from flexdit.schedule import FixedGrid
 from flexdit.training.data import open_dataset
@@ -62,6 +63,8 @@ def test_every_model_is_trained_sampled_and_scored(finished):
         assert rows[name]["gflops"] < dense["gflops"]
     assert rows["converted"]["gflops"] == rows["flexdit"]["gflops"]
     assert len(rows["flexdit"]["gflops_per_grid"]) > 1 and len(rows["flexdit-fixed"]["gflops_per_grid"]) == 1
+    for name in ("flexdit", "flexdit-fixed"):
+        assert load(Path(s.out) / name / "model.safetensors").layout == Layout.parse(s.layout, s.depth)
 
 
 def test_outputs_are_written_and_copied(finished):
@@ -138,6 +141,8 @@ def test_changed_settings_are_refused_not_reused(finished):
         run(Settings(**{**asdict(s), "dense_steps": 8}))
     with pytest.raises(FlexDiTError, match=r"run/flexdit was trained with other settings \(distill"):
         run(Settings(**{**asdict(s), "finetune_distill": 2.0}))
+    with pytest.raises(FlexDiTError, match=r"run/flexdit was trained with other settings \(layout"):
+        run(Settings(**{**asdict(s), "layout": "default"}))
 
 
 def test_a_run_recorded_before_an_option_existed_had_its_default(finished):
@@ -201,6 +206,10 @@ def test_arguments_and_errors(data, tmp_path, capsys):
         main(["--data", str(data), "--out", str(tmp_path), "--weights", "last"])
     with pytest.raises(SystemExit, match="--speed-repeats must be at least 1"):
         main(["--data", str(data), "--out", str(tmp_path), "--speed-repeats", "0"])
+    with pytest.raises(SystemExit, match="--layout dense has no sparse tokens"):
+        main(["--data", str(data), "--out", str(tmp_path), "--layout", "dense"])
+    with pytest.raises(SystemExit, match="has 2 blocks but the model has 12"):
+        main(["--data", str(data), "--out", str(tmp_path), "--layout", "pool,dense"])
     with pytest.raises(SystemExit, match="data path not found"):
         main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
 
