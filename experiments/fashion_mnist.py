@@ -79,7 +79,7 @@ class Settings:
     hidden_size: int = 96
     depth: int = 12
     num_heads: int = 3
-    dense_steps: int = 4000
+    dense_steps: int = 10000
     batch: int = 64
     dense_lr: float = 2e-4
     dense_ema: float = 0.9995
