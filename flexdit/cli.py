@@ -432,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--density", metavar="R_MIN,R_MAX", help="temporal schedule (default 0.61,0.86)")
     group.add_argument("--grid", metavar="G", help="a fixed sparse grid at every timestep")
     p.add_argument("--intervals", type=int, default=4, help="timestep intervals K (paper: 4)")
+    p.add_argument("--mix-intervals", action="store_true",
+                   help="every batch covers all K intervals (K forwards, gradients accumulated) instead of one "
+                        "interval per process and step; for fewer processes than intervals")
     p.add_argument("--steps", type=int, default=1000, help="total optimiser steps (including resumed ones)")
     p.add_argument("--batch", type=int, default=32, help="global batch, split over torchrun processes")
     p.add_argument("--lr", type=float, default=1e-4)

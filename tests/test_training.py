@@ -64,17 +64,20 @@ def log(out) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
 
 
-def test_resume_is_exact(tmp_path, data, dense_ckpt):
-    straight = train(args(data, dense_ckpt, tmp_path / "a"))
-    train(args(data, dense_ckpt, tmp_path / "b", steps=4))
-    resumed = train(args(data, dense_ckpt, tmp_path / "b", resume=True))
+@pytest.mark.parametrize("mix_intervals", [False, True])
+def test_resume_is_exact(tmp_path, data, dense_ckpt, mix_intervals):
+    straight = train(args(data, dense_ckpt, tmp_path / "a", mix_intervals=mix_intervals))
+    train(args(data, dense_ckpt, tmp_path / "b", steps=4, mix_intervals=mix_intervals))
+    resumed = train(args(data, dense_ckpt, tmp_path / "b", resume=True, mix_intervals=mix_intervals))
     for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(p, q), name
     a, b = log(tmp_path / "a"), log(tmp_path / "b")
     assert [r["step"] for r in a] == [2, 4, 6, 8]
     assert [(r["step"], r["loss"], r["grid"]) for r in a] == [(r["step"], r["loss"], r["grid"]) for r in b]
-    # A single process cycles through the four intervals: grids differ along the run.
-    assert len({r["interval"] for r in a}) > 1
+    if mix_intervals:  # every step runs all four intervals' grids (r in [0.3, 0.8] on 8x8 tokens)
+        assert {r["grid"] for r in a} == {"7x7,6x6,5x5,4x4"} and {r["interval"] for r in a} == {None}
+    else:  # a single process cycles through the four intervals: grids differ along the run
+        assert len({r["interval"] for r in a}) > 1
     assert load(tmp_path / "a" / "ema.safetensors").config.to_dict() == straight.config.to_dict()
 
 
@@ -104,18 +107,22 @@ def test_resume_after_sigkill(tmp_path, data, dense_ckpt):
     assert resumed is not None
 
 
-def test_two_processes_draw_from_different_intervals(tmp_path, data, dense_ckpt):
+@pytest.mark.parametrize("mix", [False, True])
+def test_two_processes_draw_from_different_intervals(tmp_path, data, dense_ckpt, mix):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            "-m", "flexdit", "train", "--data", str(data), "--init", str(dense_ckpt), "--num-heads", "4",
            "--layout", FLEX_LAYOUT, "--density", "0.3,0.8", "--intervals", "2", "--out", str(out), "--steps", "4",
            "--batch", "8", "--ckpt-every", "4", "--log-every", "1", "--device", "cpu", "--seed", "3"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(cmd + ["--mix-intervals"] * mix, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     records = log(out)
     assert [r["step"] for r in records] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in records)
-    # With R = K = 2, rank r always trains interval r: rank 0 logs interval 0 at every step.
-    assert {r["interval"] for r in records} == {0}
+    if mix:  # every rank runs both intervals' grids at every step, accumulating before DDP's one all-reduce
+        assert {r["interval"] for r in records} == {None} and all(r["grid"].count(",") == 1 for r in records)
+    else:  # with R = K = 2, rank r always trains interval r: rank 0 logs interval 0 at every step
+        assert {r["interval"] for r in records} == {0}
     assert (out / "ema.safetensors").exists()
 
 
@@ -125,16 +132,40 @@ def test_interval_assignment_per_rank():
 
     def interval(rank, world, step, k=4):
         trainer = Trainer.__new__(Trainer)
-        trainer.ctx, trainer.step = Dist(rank, world, rank), step
+        trainer.ctx, trainer.step, trainer.args = Dist(rank, world, rank), step, TrainArgs(data="")
         trainer.local_batch = 2
         trainer.intervals = type("I", (), {"num_intervals": k, "sample": lambda s, k, n, g: torch.zeros(n),
                                            "grid": lambda s, k, grid: (k, k)})()
         trainer.model = type("M", (), {"token_grid": (8, 8)})()
-        return trainer._timesteps(torch.Generator())[2]
+        [(_, _, k)] = trainer._timestep_parts(torch.Generator())
+        return k
 
     assert [interval(r, 4, s) for s in range(3) for r in range(4)] == [0, 1, 2, 3] * 3  # the paper: rank r, interval r
     assert [interval(0, 1, s) for s in range(6)] == [0, 1, 2, 3, 0, 1]  # one process cycles
     assert {interval(r, 2, s) for s in range(4) for r in range(2)} == {0, 1, 2, 3}  # fewer ranks still cover all
+
+
+def test_mixed_intervals_split_every_batch_over_all_intervals():
+    from flexdit.distributed import Dist
+    from flexdit.schedule import TimestepIntervals
+    from flexdit.training.trainer import Trainer
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.ctx, trainer.args, trainer.local_batch = Dist(0, 1, 0), TrainArgs(data="", mix_intervals=True), 10
+    trainer.intervals = TimestepIntervals(DensitySchedule(0.3, 0.8), 4)
+    trainer.model = type("M", (), {"token_grid": (16, 16)})()
+    per_interval = [0] * 4
+    for step in range(4):
+        trainer.step = step
+        parts = trainer._timestep_parts(torch.Generator().manual_seed(step))
+        assert [k for _, _, k in parts] == [0, 1, 2, 3]
+        assert [grid for _, grid, _ in parts] == [trainer.intervals.grid(k, (16, 16)) for k in range(4)]
+        assert sum(len(t) for t, _, _ in parts) == 10
+        for t, _, k in parts:
+            lo, hi = trainer.intervals.bounds(k)
+            assert ((t >= lo) & (t < hi)).all()
+            per_interval[k] += len(t)
+    assert per_interval == [10] * 4  # the remainder of 10 / 4 rotates, so no interval is favoured
 
 
 def test_conversion_keeps_what_the_dense_model_knew(tmp_path, data, dense_ckpt):
@@ -175,6 +206,10 @@ def test_training_errors(tmp_path, data, dense_ckpt, wrong_size):
         train(args(data, dense_ckpt, tmp_path / "e3", batch=100))
     with pytest.raises(FlexDiTError, match="exactly one of"):
         train(args(data, dense_ckpt, tmp_path / "e4", model="DiT-S/2"))
+    with pytest.raises(FlexDiTError, match="--mix-intervals needs a FlexDiT with a temporal"):
+        train(args(data, dense_ckpt, tmp_path / "e5", density=None, grid="6", mix_intervals=True))
+    with pytest.raises(FlexDiTError, match="batch of 2 into 4 intervals; use a --batch of at least 4"):
+        train(args(data, dense_ckpt, tmp_path / "e6", batch=2, mix_intervals=True))
 
 
 def test_distillation_pulls_the_model_towards_its_teacher(tmp_path, data, dense_ckpt):
@@ -213,12 +248,13 @@ def test_distillation_errors(tmp_path, data, dense_ckpt, wrong_size):
         train(args(data, dense_ckpt, tmp_path / "e2", teacher=str(dense_ckpt), distill=0.0))
 
 
-def test_fsdp_two_processes_train_save_and_resume(tmp_path, data, dense_ckpt):
+@pytest.mark.parametrize("mix", [False, True])
+def test_fsdp_two_processes_train_save_and_resume(tmp_path, data, dense_ckpt, mix):
     out = tmp_path / "fsdp"
     base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
             "-m", "flexdit", "train", "--fsdp", "--data", str(data), "--init", str(dense_ckpt), "--num-heads", "4",
             "--layout", FLEX_LAYOUT, "--density", "0.3,0.8", "--out", str(out), "--batch", "8", "--ckpt-every", "2",
-            "--log-every", "1", "--device", "cpu", "--seed", "3"]
+            "--log-every", "1", "--device", "cpu", "--seed", "3"] + ["--mix-intervals"] * mix
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for extra in (["--steps", "2"], ["--steps", "4", "--resume"]):
         result = subprocess.run(base + extra, capture_output=True, text=True, env=env)

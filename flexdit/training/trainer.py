@@ -4,13 +4,19 @@ Timestep intervals (paper Sec. 3): with a temporal schedule, the 1000 timesteps 
 at step s, rank r draws t uniformly from interval (r + s * R) mod K, so with R = K ranks (the paper's
 setting) rank r always trains interval r, a single process cycles through the intervals step by step,
 and any R covers every interval. Each batch therefore runs at one grid.
+With --mix-intervals every rank's batch covers every interval at every step instead: it is split into K
+parts of (nearly) equal size, part k draws t from interval k and runs at its grid, and the gradients of the
+K parts are accumulated before the one optimizer step. With fewer ranks than intervals this keeps each
+step's timesteps uniform over 0..T as the paper's global batch is, at the price of K smaller forwards.
 
 Randomness is a pure function of (seed, rank, step) and the data order of (seed, epoch), so a
 checkpoint (model, EMA, optimizer, step, data position, log window) resumes to the same weights and
 logged losses as a run that never stopped.
 """
 import json
+import math
 import time
+from contextlib import nullcontext
 from copy import deepcopy
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +52,7 @@ class TrainArgs:
     density: str | None = None
     grid: str | None = None
     intervals: int = 4
+    mix_intervals: bool = False  # every batch covers all K intervals (K forwards); default: the paper's form
     steps: int = 1000
     batch: int = 32  # global batch, split over ranks
     lr: float = 1e-4
@@ -222,6 +229,12 @@ class Trainer:
             model = build_model(args, self.data)
             state = None
         self.intervals = timestep_plan(model, args.intervals)
+        if args.mix_intervals and self.intervals is None:
+            raise FlexDiTError("--mix-intervals needs a FlexDiT with a temporal density schedule (--density), "
+                               "not a dense model or a fixed --grid")
+        if args.mix_intervals and self.local_batch < args.intervals:
+            raise FlexDiTError(f"--mix-intervals splits each process's batch of {self.local_batch} into "
+                               f"{args.intervals} intervals; use a --batch of at least {args.intervals} per process")
         self.diffusion = GaussianDiffusion(learn_sigma=model.config.learn_sigma)
         self.null_class = model.config.num_classes if model.has_null_class else None
         self.teacher = load_teacher(args, model, device) if args.teacher else None
@@ -254,7 +267,8 @@ class Trainer:
     def _check_resume_matches(self, state: dict) -> None:
         """--resume must continue the same model and layout as the checkpoint."""
         saved_args = json.loads(state["train_args"])
-        keys = ("init", "model", "hidden_size", "depth", "num_heads", "layout", "density", "grid", "intervals")
+        keys = ("init", "model", "hidden_size", "depth", "num_heads", "layout", "density", "grid", "intervals",
+                "mix_intervals")
         changed = [k for k in keys if saved_args.get(k) != getattr(self.args, k)]
         if changed:
             k = changed[0]
@@ -280,61 +294,84 @@ class Trainer:
         self.position += B
         return mine
 
-    def _timesteps(self, g: torch.Generator) -> tuple[torch.Tensor, object, int | None]:
-        """(t, grid, interval) for this rank at this step."""
-        if self.intervals is not None:
-            k = (self.ctx.rank + self.step * self.ctx.world_size) % self.intervals.num_intervals
-            return self.intervals.sample(k, self.local_batch, g), self.intervals.grid(k, self.model.token_grid), k
-        t = torch.randint(0, NUM_TIMESTEPS, (self.local_batch,), generator=g)
-        grid = None
-        if self.model.layout.has_sparse_tokens:
-            grid = self.model.density.grid(0, self.model.token_grid)  # a fixed grid
-        return t, grid, None
+    def _timestep_parts(self, g: torch.Generator) -> list[tuple[torch.Tensor, object, int | None]]:
+        """This rank's timesteps at this step, in parts that each run at one grid: [(t, grid, interval)]."""
+        if self.intervals is None:
+            grid = None
+            if self.model.layout.has_sparse_tokens:
+                grid = self.model.density.grid(0, self.model.token_grid)  # a fixed grid
+            return [(torch.randint(0, NUM_TIMESTEPS, (self.local_batch,), generator=g), grid, None)]
+        K, dense_grid = self.intervals.num_intervals, self.model.token_grid
+        if not self.args.mix_intervals:
+            k = (self.ctx.rank + self.step * self.ctx.world_size) % K
+            return [(self.intervals.sample(k, self.local_batch, g), self.intervals.grid(k, dense_grid), k)]
+        # the remainder of batch / K goes to intervals that rotate with the step, so none is favoured
+        sizes = [self.local_batch // K + ((k - self.step) % K < self.local_batch % K) for k in range(K)]
+        return [(self.intervals.sample(k, n, g), self.intervals.grid(k, dense_grid), k) for k, n in enumerate(sizes)]
 
-    def train_step(self) -> dict:
-        g = _step_generator(self.args.seed, self.ctx.rank, self.step)
-        indices = self._batch_indices()
-        flip = torch.rand(len(indices), generator=g) < 0.5 if self.args.flip else None
-        x, y = self.data.batch(indices, flip)
-        t, grid, interval = self._timesteps(g)
-        if self.null_class is not None and self.args.label_dropout > 0:
-            drop = torch.rand(len(y), generator=g) < self.args.label_dropout
-            y = torch.where(drop, self.null_class, y)
-        noise = torch.randn(x.shape, generator=g)
-        x, y, t, noise = (a.to(self.device) for a in (x, y, t, noise))
-        xt = self.diffusion.q_sample(x, t, noise)
+    def _gradient_sync(self, enabled: bool):
+        """Gradient accumulation over a step's parts: only the last backward reduces gradients across ranks."""
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(enabled)
+        elif self.ctx.world_size > 1 and not enabled:
+            return self.train_model.no_sync()
+        return nullcontext()
+
+    def _losses(self, x, xt, t, y, noise, grid) -> dict:
         with torch.autocast(self.device.type, dtype=DTYPES[self.args.dtype], enabled=self.args.dtype != "fp32"):
             out = self.train_model(xt, t, y, grid=grid)
             if self.teacher is not None:
                 with torch.no_grad():
                     target = self.teacher(xt, t, y)
         terms = self.diffusion.training_losses(out, x, xt, t, noise)
-        loss = terms["loss"].mean()
-        distill = torch.zeros(())
+        terms = {"loss": terms["loss"].mean(), "mse": terms["mse"].mean(),
+                 "vb": terms["vb"].mean() if "vb" in terms else torch.zeros(()), "distill": torch.zeros(())}
         if self.teacher is not None:  # matching the dense model's prediction: a lower-variance target than the noise
-            distill = F.mse_loss(out.float(), target.float())
-            loss = loss + self.args.distill * distill
-        finite = torch.isfinite(loss.detach()).float()
-        if self.ctx.world_size > 1:  # every rank stops together instead of hanging in the gradient all-reduce
+            terms["distill"] = F.mse_loss(out.float(), target.float())
+            terms["loss"] = terms["loss"] + self.args.distill * terms["distill"]
+        return terms
+
+    def train_step(self) -> dict:
+        g = _step_generator(self.args.seed, self.ctx.rank, self.step)
+        indices = self._batch_indices()
+        flip = torch.rand(len(indices), generator=g) < 0.5 if self.args.flip else None
+        x, y = self.data.batch(indices, flip)
+        parts = self._timestep_parts(g)
+        t = torch.cat([part[0] for part in parts])
+        if self.null_class is not None and self.args.label_dropout > 0:
+            drop = torch.rand(len(y), generator=g) < self.args.label_dropout
+            y = torch.where(drop, self.null_class, y)
+        noise = torch.randn(x.shape, generator=g)
+        x, y, t, noise = (a.to(self.device) for a in (x, y, t, noise))
+        xt = self.diffusion.q_sample(x, t, noise)
+        self.opt.zero_grad(set_to_none=True)
+        for group in self.opt.param_groups:  # a pure function of the step, so a resumed run gets it right
+            group["lr"] = self.lr()
+        logged, start = dict.fromkeys(LOGGED, 0.0), 0
+        for i, (part_t, grid, _) in enumerate(parts):
+            part, start = slice(start, start + len(part_t)), start + len(part_t)
+            weight = len(part_t) / len(t)
+            with self._gradient_sync(i == len(parts) - 1):
+                terms = self._losses(x[part], xt[part], t[part], y[part], noise[part], grid)
+                loss = terms["loss"] * weight
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            for k in LOGGED:
+                logged[k] += terms[k].item() * weight
+        finite = torch.tensor(float(math.isfinite(logged["loss"])), device=self.device)
+        if self.ctx.world_size > 1:  # every rank stops together instead of stepping with its peers' bad gradients
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         if not finite.item():
             raise FlexDiTError(f"the loss is not finite at step {self.step} (on some rank); lower --lr or use "
                                "--dtype fp32")
-        self.opt.zero_grad(set_to_none=True)
-        for group in self.opt.param_groups:  # a pure function of the step, so a resumed run gets it right
-            group["lr"] = self.lr()
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.step(self.opt)
             self.scaler.update()
         else:
-            loss.backward()
             self.opt.step()
         update_ema(self.ema, self.model, self.args.ema)
         self.step += 1
-        return {"loss": loss.item(), "mse": terms["mse"].mean().item(),
-                "vb": terms["vb"].mean().item() if "vb" in terms else 0.0, "distill": distill.item(),
-                "grid": "x".join(map(str, grid)) if grid else "dense", "interval": interval}
+        grids = ",".join("x".join(map(str, grid)) if grid else "dense" for _, grid, _ in parts)
+        return logged | {"grid": grids, "interval": parts[0][2] if len(parts) == 1 else None}
 
     def lr(self, step: int | None = None) -> float:
         """The learning rate of optimiser step `step` (default: the next one)."""
