@@ -6,7 +6,7 @@
    256 px), depth 12: room for a FlexDiT layout with a Poolingformer at the bottom, two SDTMs, and the
    second SDTM's dense block on top (--layout; its default keeps layer 1 dense, see below);
 2. converts it to a FlexDiT with a temporal density schedule and fine-tunes it for --finetune-fraction of
-   the dense steps; the converted model before fine-tuning is evaluated too;
+   the dense steps, every batch covering all timestep intervals; the converted model is evaluated too;
 3. fine-tunes, for the same steps, a FlexDiT at one fixed grid (no temporal schedule; the paper's ablation),
    the grid whose FLOPs come closest to the scheduled model's average, so both spend about the same compute;
 4. samples --num-samples images from every model with the same sampler, steps, guidance, labels and seeds,
@@ -91,6 +91,9 @@ class Settings:
     finetune_fraction: float = 0.15
     finetune_lr: float = 1e-4
     finetune_ema: float = 0.995  # time constant 200 steps: the EMA forgets the converted start within the run
+    # the temporal fine-tune's every batch covers all 4 timestep intervals (flexdit train --mix-intervals); one
+    # process otherwise trains one interval per step, which costs this model ~10% FID-FM (gap_probes.md, section 9)
+    finetune_mix_intervals: bool = True
     finetune_distill: float = 0.0  # > 0: also match the dense model's predictions, with this weight (--teacher)
     # evaluation
     num_samples: int = 5000
@@ -107,9 +110,12 @@ class Settings:
     ckpt_every: int = 200
     log_every: int = 50
     models: list[str] = field(default_factory=lambda: list(MODELS))
-    # which weights of each run to use: "model" (raw) or "ema". Raw by default: at a few thousand steps an EMA
-    # without warm-up still holds its start (0.9995^4000 = 13.5% of the random initialisation of the dense run)
+    # which weights to evaluate (and fine-tune from): "model" (raw) or "ema". The dense run's raw ones: its EMA
+    # (0.9995, no warm-up) averages the last ~2000 steps of a model still improving fast and trails them (README)
     weights: str = "model"
+    # the fine-tunes' EMA (0.995: the last ~200 steps, started from the dense weights): their raw weights swing from
+    # checkpoint to checkpoint (results/fashion_mnist/gap_probes.md, section 9)
+    finetune_weights: str = "ema"
     ship: str = ""  # a folder (flexdit/weights) for bfloat16 copies of the dense and fine-tuned FlexDiT weights
 
     @property
@@ -127,9 +133,9 @@ def fingerprint(model: DiT) -> str:
     return h.hexdigest()[:12]
 
 
-def _train(s: Settings, name: str, steps: int, start: str | None = None, **kw) -> Path:
-    """Train (or resume, or reuse if finished) the run OUT/name; returns the path of its weights (--weights:
-    the raw ones or the EMA). `start` is the fingerprint of the weights it starts from (None: from scratch)."""
+def _train(s: Settings, name: str, steps: int, weights: str, start: str | None = None, **kw) -> Path:
+    """Train (or resume, or reuse if finished) the run OUT/name; returns the path of its `weights` (the raw
+    ones, "model", or the EMA). `start` is the fingerprint of the weights it starts from (None: from scratch)."""
     out = Path(s.out) / name
     ema = out / "ema.safetensors"
     args = TrainArgs(data=s.data, out=str(out), steps=steps, batch=s.batch, dtype=s.dtype, seed=s.seed,
@@ -155,7 +161,7 @@ def _train(s: Settings, name: str, steps: int, start: str | None = None, **kw) -
     if done < steps or not ema.exists():  # ema.safetensors is written when a run ends
         tqdm.write(f"== training {name}: {steps} steps ({DESCRIPTIONS[name]})")
         train(args)
-    if s.weights == "ema":
+    if weights == "ema":
         return ema
     weights = out / "model.safetensors"
     load(latest_checkpoint(str(out)), weights="model").save(str(weights))
@@ -163,7 +169,7 @@ def _train(s: Settings, name: str, steps: int, start: str | None = None, **kw) -
 
 
 def train_dense(s: Settings) -> Path:
-    return _train(s, "dense", s.dense_steps, model="DiT-S/2", hidden_size=s.hidden_size, depth=s.depth,
+    return _train(s, "dense", s.dense_steps, s.weights, model="DiT-S/2", hidden_size=s.hidden_size, depth=s.depth,
                   num_heads=s.num_heads, lr=s.dense_lr, ema=s.dense_ema)
 
 
@@ -265,11 +271,13 @@ def build_models(s: Settings) -> tuple[dict[str, DiT], dict[str, int]]:
         if name == "converted":
             models[name] = converted
         elif name == "flexdit":
-            models[name] = load(_train(s, name, s.finetune_steps, density=s.density, **finetune))
+            models[name] = load(_train(s, name, s.finetune_steps, s.finetune_weights, density=s.density,
+                                       mix_intervals=s.finetune_mix_intervals, **finetune))
             if s.ship:
                 ship_weights(models["dense"], models[name], Path(s.ship))
         elif name == "flexdit-fixed":
-            models[name] = load(_train(s, name, s.finetune_steps, grid=grid_name(fixed), **finetune))
+            models[name] = load(_train(s, name, s.finetune_steps, s.finetune_weights, grid=grid_name(fixed),
+                                       **finetune))
     return {name: models[name] for name in s.models}, {name: steps[name] for name in s.models}
 
 
@@ -354,8 +362,9 @@ def run(s: Settings) -> dict:
             raise FlexDiTError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     if s.dtype not in DTYPES:
         raise FlexDiTError(f"unknown --dtype {s.dtype}; choose {', '.join(DTYPES)}")
-    if s.weights not in ("model", "ema"):
-        raise FlexDiTError(f"--weights must be model or ema, got {s.weights!r}")
+    for name in ("weights", "finetune_weights"):
+        if getattr(s, name) not in ("model", "ema"):
+            raise FlexDiTError(f"--{name.replace('_', '-')} must be model or ema, got {getattr(s, name)!r}")
     for name in ("dense_steps", "batch", "sample_batch", "speed_batch", "speed_repeats", "steps"):
         if getattr(s, name) < 1:
             raise FlexDiTError(f"--{name.replace('_', '-')} must be at least 1")
@@ -402,7 +411,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         if name == "data":
             continue
         flag = "--" + name.replace("_", "-")
-        if isinstance(value, list):
+        if isinstance(value, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=f"(default: {value})")
+        elif isinstance(value, list):
             p.add_argument(flag, default=",".join(value), help=f"comma-separated (default: {','.join(value)})")
         else:
             p.add_argument(flag, type=type(value), default=value, help=f"(default: {value})")

@@ -64,7 +64,12 @@ def test_every_model_is_trained_sampled_and_scored(finished):
     assert rows["converted"]["gflops"] == rows["flexdit"]["gflops"]
     assert len(rows["flexdit"]["gflops_per_grid"]) > 1 and len(rows["flexdit-fixed"]["gflops_per_grid"]) == 1
     for name in ("flexdit", "flexdit-fixed"):
-        assert load(Path(s.out) / name / "model.safetensors").layout == Layout.parse(s.layout, s.depth)
+        assert load(Path(s.out) / name / "ema.safetensors").layout == Layout.parse(s.layout, s.depth)
+    # the temporal fine-tune runs every interval's grid at every step (--mix-intervals); the fixed one one grid
+    logs = {name: [json.loads(line) for line in (Path(s.out) / name / "log.jsonl").read_text().splitlines()]
+            for name in ("flexdit", "flexdit-fixed")}
+    assert all(r["grid"].count(",") == 3 for r in logs["flexdit"])
+    assert all("," not in r["grid"] for r in logs["flexdit-fixed"])
 
 
 def test_outputs_are_written_and_copied(finished):
@@ -90,9 +95,9 @@ def test_outputs_are_written_and_copied(finished):
 
 def test_the_demo_pair_is_shipped_in_bfloat16(finished):
     s, _ = finished
-    for name in ("dense", "flexdit"):
+    for name, weights in (("dense", "model"), ("flexdit", "ema")):  # the weights the experiment evaluates
         shipped = load(f"{s.ship}/fashion_mnist_{name}.safetensors")
-        trained = load(f"{s.out}/{name}/model.safetensors")
+        trained = load(f"{s.out}/{name}/{weights}.safetensors")
         assert shipped.config == trained.config
         for a, b in zip(shipped.parameters(), trained.parameters()):
             torch.testing.assert_close(a, b.bfloat16().float(), rtol=0, atol=0)
@@ -100,7 +105,7 @@ def test_the_demo_pair_is_shipped_in_bfloat16(finished):
 
 def test_shipping_the_same_weights_again_leaves_the_files_alone(finished, tmp_path):
     s, _ = finished
-    dense, flex = (load(f"{s.out}/{name}/model.safetensors") for name in ("dense", "flexdit"))
+    dense, flex = load(f"{s.out}/dense/model.safetensors"), load(f"{s.out}/flexdit/ema.safetensors")
     ship_weights(dense, flex, tmp_path)
     files = sorted(tmp_path.glob("*.safetensors"))
     before = [(p.read_bytes(), p.stat().st_mtime_ns) for p in files]
@@ -125,12 +130,18 @@ def test_a_second_run_resumes_instead_of_redoing(finished):
         assert again["models"][name]["fid"] == result["models"][name]["fid"]
 
 
-def test_the_evaluated_weights_are_the_raw_ones_by_default(finished):
+def test_the_dense_model_is_evaluated_raw_and_the_fine_tunes_by_their_ema(finished):
     s, _ = finished
     raw = load(f"{s.out}/dense/checkpoints/step-0000010.pt", weights="model")
     ema = load(f"{s.out}/dense/ema.safetensors")
     evaluated = load(f"{s.out}/dense/model.safetensors")
     assert fingerprint(evaluated) == fingerprint(raw) != fingerprint(ema)
+    sampled = {p.name.split("-ddim")[0] for p in (Path(s.out) / "samples").glob("*.npz")}  # NAME-FINGERPRINT
+    assert f"dense-{fingerprint(raw)}" in sampled
+    for name in ("flexdit", "flexdit-fixed"):
+        last = load(f"{s.out}/{name}/checkpoints/step-0000005.pt", weights="model")
+        ema = load(f"{s.out}/{name}/ema.safetensors")
+        assert f"{name}-{fingerprint(ema)}" in sampled and f"{name}-{fingerprint(last)}" not in sampled
 
 
 def test_changed_settings_are_refused_not_reused(finished):
@@ -143,6 +154,8 @@ def test_changed_settings_are_refused_not_reused(finished):
         run(Settings(**{**asdict(s), "finetune_distill": 2.0}))
     with pytest.raises(FlexDiTError, match=r"run/flexdit was trained with other settings \(layout"):
         run(Settings(**{**asdict(s), "layout": "default"}))
+    with pytest.raises(FlexDiTError, match=r"run/flexdit was trained with other settings \(mix_intervals"):
+        run(Settings(**{**asdict(s), "finetune_mix_intervals": False}))
 
 
 def test_a_run_recorded_before_an_option_existed_had_its_default(finished):
@@ -157,9 +170,9 @@ def test_a_run_recorded_before_an_option_existed_had_its_default(finished):
 
 def test_fingerprint_follows_the_weights(finished):
     s, _ = finished
-    model = load(f"{s.out}/flexdit/model.safetensors")
+    model = load(f"{s.out}/flexdit/ema.safetensors")
     before = fingerprint(model)
-    assert fingerprint(load(f"{s.out}/flexdit/model.safetensors")) == before
+    assert fingerprint(load(f"{s.out}/flexdit/ema.safetensors")) == before
     with torch.no_grad():
         next(model.parameters())[0].add_(1e-3)
     assert fingerprint(model) != before
@@ -167,7 +180,7 @@ def test_fingerprint_follows_the_weights(finished):
 
 def test_chunked_sampling_equals_one_batch(finished, tmp_path):
     s, _ = finished
-    model = load(f"{s.out}/flexdit/model.safetensors")
+    model = load(f"{s.out}/flexdit/ema.safetensors")
     chunked = tiny(s.data, tmp_path, num_samples=7, sample_batch=3)
     with np.load(sample_npz(chunked, "flexdit", model)) as f:
         images = f["arr_0"]
@@ -178,7 +191,7 @@ def test_chunked_sampling_equals_one_batch(finished, tmp_path):
 
 def test_fixed_grid_matches_the_average_flops(finished):
     s, _ = finished
-    flex = load(f"{s.out}/flexdit/model.safetensors")
+    flex = load(f"{s.out}/flexdit/ema.safetensors")
     timesteps = plan(s.sampler, s.steps).timesteps
     fixed = fixed_grid_like(flex, timesteps)
     average = flops_report(flex, timesteps).gflops
@@ -198,12 +211,15 @@ def test_table_says_n_a_without_the_dense_model(finished):
 def test_arguments_and_errors(data, tmp_path, capsys):
     s = parse_args(["--data", str(data), "--models", "dense,flexdit", "--steps", "7"])
     assert s.models == ["dense", "flexdit"] and s.steps == 7 and s.cfg == Settings(data="").cfg
+    assert s.finetune_mix_intervals and not parse_args(["--data", "d", "--no-finetune-mix-intervals"]).finetune_mix_intervals
     with pytest.raises(SystemExit, match="unknown model 'sparse'"):
         main(["--data", str(data), "--out", str(tmp_path), "--models", "dense,sparse"])
     with pytest.raises(SystemExit, match="--num-samples must be at least 4"):
         main(["--data", str(data), "--out", str(tmp_path), "--num-samples", "2"])
     with pytest.raises(SystemExit, match="--weights must be model or ema"):
         main(["--data", str(data), "--out", str(tmp_path), "--weights", "last"])
+    with pytest.raises(SystemExit, match="--finetune-weights must be model or ema"):
+        main(["--data", str(data), "--out", str(tmp_path), "--finetune-weights", "raw"])
     with pytest.raises(SystemExit, match="--speed-repeats must be at least 1"):
         main(["--data", str(data), "--out", str(tmp_path), "--speed-repeats", "0"])
     with pytest.raises(SystemExit, match="--layout dense has no sparse tokens"):
