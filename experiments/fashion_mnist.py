@@ -163,9 +163,9 @@ def _train(s: Settings, name: str, steps: int, weights: str, start: str | None =
         train(args)
     if weights == "ema":
         return ema
-    weights = out / "model.safetensors"
-    load(latest_checkpoint(str(out)), weights="model").save(str(weights))
-    return weights
+    raw = out / "model.safetensors"
+    load(latest_checkpoint(str(out)), weights="model").save(str(raw))
+    return raw
 
 
 def train_dense(s: Settings) -> Path:

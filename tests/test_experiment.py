@@ -211,7 +211,8 @@ def test_table_says_n_a_without_the_dense_model(finished):
 def test_arguments_and_errors(data, tmp_path, capsys):
     s = parse_args(["--data", str(data), "--models", "dense,flexdit", "--steps", "7"])
     assert s.models == ["dense", "flexdit"] and s.steps == 7 and s.cfg == Settings(data="").cfg
-    assert s.finetune_mix_intervals and not parse_args(["--data", "d", "--no-finetune-mix-intervals"]).finetune_mix_intervals
+    assert s.finetune_mix_intervals
+    assert not parse_args(["--data", "d", "--no-finetune-mix-intervals"]).finetune_mix_intervals
     with pytest.raises(SystemExit, match="unknown model 'sparse'"):
         main(["--data", str(data), "--out", str(tmp_path), "--models", "dense,sparse"])
     with pytest.raises(SystemExit, match="--num-samples must be at least 4"):
