@@ -311,7 +311,7 @@ class Trainer:
 
     def _gradient_sync(self, enabled: bool):
         """Gradient accumulation over a step's parts: only the last backward reduces gradients across ranks."""
-        if self.fsdp:
+        if self.fsdp and self.args.mix_intervals:  # one part per step otherwise: FSDP's default, sync, holds
             self.model.set_requires_gradient_sync(enabled)
         elif self.ctx.world_size > 1 and not enabled:
             return self.train_model.no_sync()
