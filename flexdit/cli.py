@@ -439,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=32, help="global batch, split over torchrun processes")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--lr-warmup", type=int, default=0, help="steps of linear learning-rate warm-up (default none)")
+    p.add_argument("--lr-schedule", default="constant",
+                   help="after the warm-up: constant (default; the paper, DiT) or cosine (decay to 0 at --steps)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--ema", type=float, default=0.9999, help="EMA decay")
     p.add_argument("--teacher", metavar="CKPT", help="also learn to match this model's predictions (distillation; "

@@ -1,6 +1,8 @@
 """Fine-tuning: exact resume, crash safety, torchrun ranks and intervals, conversion keeps knowledge, errors."""
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -239,6 +241,22 @@ def test_lr_warmup_is_linear_and_resumes_exactly(tmp_path, data, dense_ckpt):
         assert torch.equal(p, q), name
     with pytest.raises(FlexDiTError, match="--lr-warmup -1"):
         train(args(data, dense_ckpt, tmp_path / "e", lr_warmup=-1))
+
+
+def test_cosine_lr_decays_to_zero_after_the_warmup_and_resumes_exactly(tmp_path, data, dense_ckpt):
+    run = dict(lr_warmup=2, lr_schedule="cosine", log_every=1, ckpt_every=3, keep=3)
+    straight = train(args(data, dense_ckpt, tmp_path / "a", **run))
+    cosine = [0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(6)]  # 6 steps after the warm-up, to 0 at step 8
+    assert [r["lr"] for r in log(tmp_path / "a")] == pytest.approx([1e-3 * f for f in [0.5, 1.0] + cosine])
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)  # as if the run had died after step 3
+    shutil.copy(tmp_path / "a" / "checkpoints" / "step-0000003.pt", tmp_path / "b" / "checkpoints")
+    resumed = train(args(data, dense_ckpt, tmp_path / "b", resume=True, **run))
+    for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), name
+    with pytest.raises(FlexDiTError, match="cosine learning-rate schedule was drawn over --steps 8"):
+        train(args(data, dense_ckpt, tmp_path / "b", resume=True, **run | dict(steps=12)))
+    with pytest.raises(FlexDiTError, match="unknown --lr-schedule linear"):
+        train(args(data, dense_ckpt, tmp_path / "e", lr_schedule="linear"))
 
 
 def test_distillation_errors(tmp_path, data, dense_ckpt, wrong_size):

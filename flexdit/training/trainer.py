@@ -40,6 +40,7 @@ from flexdit.training.data import TrainData, open_dataset
 
 CHECKPOINT_VERSION = 1
 LOGGED = ("loss", "mse", "vb", "distill")  # per-step terms averaged over each log window
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -57,6 +58,7 @@ class TrainArgs:
     batch: int = 32  # global batch, split over ranks
     lr: float = 1e-4
     lr_warmup: int = 0  # steps of linear learning-rate warm-up from 0 (the paper and DiT use none)
+    lr_schedule: str = "constant"  # after the warm-up: "constant" (the paper, DiT) or "cosine" (to 0 at --steps)
     weight_decay: float = 0.0
     ema: float = 0.9999
     label_dropout: float = 0.1
@@ -200,6 +202,8 @@ class Trainer:
                 raise FlexDiTError(f"--{name.replace('_', '-')} must be at least 1")
         if args.lr_warmup < 0:
             raise FlexDiTError(f"--lr-warmup {args.lr_warmup}: the warm-up must be 0 or more steps")
+        if args.lr_schedule not in LR_SCHEDULES:
+            raise FlexDiTError(f"unknown --lr-schedule {args.lr_schedule}; choose {' or '.join(LR_SCHEDULES)}")
         if args.distill <= 0:
             raise FlexDiTError(f"--distill {args.distill}: the distillation weight must be positive")
         self.local_batch = args.batch // ctx.world_size
@@ -265,7 +269,7 @@ class Trainer:
         self.train_model = self._distribute(self.model)
 
     def _check_resume_matches(self, state: dict) -> None:
-        """--resume must continue the same model and layout as the checkpoint."""
+        """--resume must continue the same model and layout as the checkpoint, and a cosine schedule its --steps."""
         saved_args = json.loads(state["train_args"])
         keys = ("init", "model", "hidden_size", "depth", "num_heads", "layout", "density", "grid", "intervals",
                 "mix_intervals")
@@ -275,6 +279,11 @@ class Trainer:
             raise FlexDiTError(f"--resume with --{k.replace('_', '-')} {getattr(self.args, k)!r} but the checkpoint "
                                f"was trained with {saved_args.get(k)!r}; use the same model, layout and data, or "
                                "another --out")
+        cosine = saved_args.get("lr_schedule") == self.args.lr_schedule == "cosine"
+        if cosine and saved_args.get("steps") != self.args.steps:
+            raise FlexDiTError(f"--resume with --steps {self.args.steps} but the checkpoint's cosine learning-rate "
+                               f"schedule was drawn over --steps {saved_args.get('steps')}; resume with that --steps, "
+                               "or start another --out")
 
     def _distribute(self, model: DiT):
         if self.ctx.world_size == 1 or self.fsdp:
@@ -374,10 +383,15 @@ class Trainer:
         return logged | {"grid": grids, "interval": parts[0][2] if len(parts) == 1 else None}
 
     def lr(self, step: int | None = None) -> float:
-        """The learning rate of optimiser step `step` (default: the next one)."""
+        """The learning rate of optimiser step `step` (default: the next one): a pure function of the step and
+        the arguments, so a resumed run continues the same curve (a cosine one is drawn over --steps)."""
         step = self.step if step is None else step
-        warmup = self.args.lr_warmup
-        return self.args.lr * min(1.0, (step + 1) / warmup) if warmup else self.args.lr
+        a = self.args
+        if step < a.lr_warmup:
+            return a.lr * (step + 1) / a.lr_warmup
+        if a.lr_schedule == "cosine":
+            return a.lr * 0.5 * (1 + math.cos(math.pi * (step - a.lr_warmup) / max(1, a.steps - a.lr_warmup)))
+        return a.lr
 
     # --- bookkeeping --------------------------------------------------------------------------------------
     @staticmethod
