@@ -89,7 +89,10 @@ class Settings:
     # gap_probes.md, section 8); 43.5% fewer FLOPs instead of the depth-12 default 2+2x1-2-1-1+0's 48%
     layout: str = "pool,dense,gen,sparse,sparse,recover,dense,gen,sparse,sparse,recover,dense"
     finetune_fraction: float = 0.15
-    finetune_lr: float = 1e-4
+    # cosine decay to 0 from the dense run's learning rate: the same mean rate as a constant 1e-4, and still weights
+    # at the end instead of ones that swing from checkpoint to checkpoint (gap_probes.md, sections 9-10)
+    finetune_lr: float = 2e-4
+    finetune_lr_schedule: str = "cosine"
     finetune_ema: float = 0.995  # time constant 200 steps: the EMA forgets the converted start within the run
     # the temporal fine-tune's every batch covers all 4 timestep intervals (flexdit train --mix-intervals); one
     # process otherwise trains one interval per step, which costs this model ~10% FID-FM (gap_probes.md, section 9)
@@ -264,7 +267,7 @@ def build_models(s: Settings) -> tuple[dict[str, DiT], dict[str, int]]:
     fixed = fixed_grid_like(converted, timesteps)
     steps = {"dense": s.dense_steps, "converted": 0, "flexdit": s.finetune_steps, "flexdit-fixed": s.finetune_steps}
     finetune = dict(init=str(dense_weights), start=fingerprint(models["dense"]), layout=s.layout,
-                    lr=s.finetune_lr, ema=s.finetune_ema)
+                    lr=s.finetune_lr, lr_schedule=s.finetune_lr_schedule, ema=s.finetune_ema)
     if s.finetune_distill > 0:
         finetune |= dict(teacher=str(dense_weights), distill=s.finetune_distill)
     for name in s.models:

@@ -70,6 +70,9 @@ def test_every_model_is_trained_sampled_and_scored(finished):
             for name in ("flexdit", "flexdit-fixed")}
     assert all(r["grid"].count(",") == 3 for r in logs["flexdit"])
     assert all("," not in r["grid"] for r in logs["flexdit-fixed"])
+    for records in logs.values():  # the fine-tunes' cosine learning rate falls from its first step to its last
+        rates = [r["lr"] for r in records]
+        assert rates == sorted(rates, reverse=True) and rates[-1] < 0.5 * s.finetune_lr
 
 
 def test_outputs_are_written_and_copied(finished):
@@ -156,6 +159,10 @@ def test_changed_settings_are_refused_not_reused(finished):
         run(Settings(**{**asdict(s), "layout": "default"}))
     with pytest.raises(FlexDiTError, match=r"run/flexdit was trained with other settings \(mix_intervals"):
         run(Settings(**{**asdict(s), "finetune_mix_intervals": False}))
+    with pytest.raises(FlexDiTError, match=r"run/flexdit was trained with other settings \(lr_schedule"):
+        run(Settings(**{**asdict(s), "finetune_lr_schedule": "constant"}))
+    with pytest.raises(FlexDiTError, match="cosine learning-rate schedule was drawn over --steps 5;"):
+        run(Settings(**{**asdict(s), "finetune_fraction": 0.8}))
 
 
 def test_a_run_recorded_before_an_option_existed_had_its_default(finished):
