@@ -1,10 +1,10 @@
 """The `flexdit` command: thin wrappers that parse, call the library and print (a table or --json)."""
 import argparse
 import json
+import math
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,20 +12,30 @@ from tqdm import tqdm
 
 from flexdit.checkpoints import LoadedCheckpoint, load_checkpoint, retarget
 from flexdit.demo import run_demo
-from flexdit.distributed import DTYPES, init_from_env, resolve_device, shutdown
+from flexdit.distributed import DTYPE_CHOICES, DTYPES, init_from_env, resolve_device, resolve_dtype, shutdown
 from flexdit.errors import FlexDiTError
-from flexdit.io import atomic_write
+from flexdit.io import atomic_write, check_output, check_png_output, check_writable
 from flexdit.measure.bench import bench
 from flexdit.measure.flops import flops_report
 from flexdit.models.dit import DiT, DiTConfig, model_config
 from flexdit.models.from_dense import ConversionReport
 from flexdit.models.layout import Layout
 from flexdit.nn.blocks import GEN
-from flexdit.sampling import SAMPLERS, decode, image_grid, plan, sample
+from flexdit.sampling import MAX_SEED, SAMPLERS, check_request, decode, image_grid, plan, sample
 from flexdit.schedule import parse_density
 from flexdit.vae import load_vae
 
 SUMMARY_TIMESTEPS = (0, 249, 500, 750, 999)
+# integer arguments of every command that count something (checked once, at parsing)
+AT_LEAST_ONE = {"num_heads", "depth", "hidden_size", "image_size", "input_size", "sparse_grid", "steps", "batch",
+                "batch_size", "num", "grid_max", "repeats", "per_class", "intervals", "keep", "ckpt_every",
+                "log_every", "shard_size"}
+AT_LEAST_ZERO = {"warmup", "lr_warmup"}
+ALLOCATION_FAILURES = ("can't allocate memory", "out of memory", "Storage size calculation overflowed")
+MAX_COUNT = 10**8  # far beyond any sensible count, far below an integer overflow or a label list filling memory
+FLAGS = {"num": "--num-samples"}  # argument names whose flag is not --name
+AUTO_DTYPE_HELP = ("auto (default): bf16 on a GPU that supports it and on a CPU that runs it natively (AVX512-BF16 or "
+                   "AMX), fp32 elsewhere (an AVX2 CPU emulates bf16, about 5x slower)")
 
 
 # --- summaries ------------------------------------------------------------------------------------------
@@ -86,10 +96,11 @@ def cmd_info(args) -> None:
 
 def cmd_convert(args) -> None:
     options = _load_options(args)
-    density = options.pop("density"), options.pop("grid")
+    density = parse_density(options.pop("density"), options.pop("grid"))  # bad values fail before the load
+    check_output(args.dst, source=args.src)
     loaded = load_checkpoint(args.src, **options)
     layout = args.layout or ("default" if loaded.model.layout.is_dense else None)
-    loaded = retarget(loaded, layout, parse_density(*density))
+    loaded = retarget(loaded, layout, density)  # validates layout and density: nothing is written if they fail
     loaded.model.save(args.dst)
     summary = {"source": args.src, "source_format": loaded.format, "output": args.dst,
                "output_bytes": os.path.getsize(args.dst), "notes": loaded.notes, **model_summary(loaded.model)}
@@ -128,12 +139,15 @@ def _target_config(args, flexdit: bool = False) -> DiTConfig:
     A dense name or checkpoint becomes the FlexDiT of that size with --density/--grid/--layout, or always
     when `flexdit` is set (bench compares the two)."""
     density = parse_density(args.density, args.grid)
+    if args.ckpt and (args.model or args.image_size):
+        raise FlexDiTError("--ckpt measures the checkpoint's own size; drop --model and --image-size, or drop --ckpt")
+    args.model, args.image_size = args.model or "DiT-XL/2", args.image_size or 256
     if args.ckpt:
         model = load_checkpoint(args.ckpt, num_heads=args.num_heads).model
         layout = args.layout or ("default" if (flexdit or density is not None) and model.layout.is_dense else None)
         return retarget(LoadedCheckpoint(model, "", args.ckpt), layout, density).model.config
-    if args.image_size % 8:
-        raise FlexDiTError(f"--image-size {args.image_size} is not divisible by 8 (the VAE's downsampling)")
+    if args.image_size < 8 or args.image_size % 8:
+        raise FlexDiTError(f"--image-size {args.image_size} must be a positive multiple of 8 (the VAE's downsampling)")
     layout = args.layout or ("default" if flexdit else None)
     return model_config(args.model, args.image_size // 8, layout=layout, density=density)
 
@@ -183,8 +197,9 @@ def cmd_bench(args) -> None:
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{result['model']}  latent {config.input_size[0]}x{config.input_size[1]}  {result['device']}  "
-          f"{args.dtype}  batch {args.batch}  {'compiled' if args.compile else 'eager'}  median of {args.repeats}")
+    dtype = result["dtype"] + (" (--dtype auto)" if args.dtype == "auto" else "")
+    print(f"{result['model']}  latent {config.input_size[0]}x{config.input_size[1]}  {result['device']}  {dtype}  "
+          f"batch {args.batch}  {'compiled' if args.compile else 'eager'}  median of {args.repeats}")
     print(f"  {'model':<8} {'GFLOPs':>8} {'ms/forward':>11} {'images/s':>9} {'peak MiB':>9} {'train-fwd MiB':>14}")
     for key in ("dense", "flexdit"):
         r = result[key]
@@ -198,11 +213,15 @@ def cmd_bench(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from flexdit.measure.evaluate import evaluate  # scipy: imported when needed, not by every command
+    from flexdit.measure.evaluate import check_results_path, evaluate  # scipy: imported when needed only
 
+    if args.inception and args.features != "inception":
+        raise FlexDiTError(f"--inception gives the FID Inception's weights, which --features {args.features} does "
+                           "not use; drop one of them")
     to_stdout = args.json == "-"
     if args.json and not to_stdout:
-        _writable(args.json)
+        check_results_path(args.json, (args.samples, args.reference))
+        check_writable(args.json)
     result = evaluate(args.samples, args.reference, args.features, args.inception, args.batch_size,
                       resolve_device(args.device), progress=not to_stdout)
     text = json.dumps(result, indent=2)
@@ -233,46 +252,46 @@ def cmd_eval(args) -> None:
         print(f"wrote {args.json}")
 
 
-def _writable(path: str | None) -> None:
-    """Fail before a long run, not after it, when an output cannot be written."""
-    if not path:
-        return
-    folder = Path(path).resolve().parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".flexdit-write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise FlexDiTError(f"cannot write {path}: {e.strerror}; choose another output path") from None
-
-
 def _sample_labels(args, num_classes: int) -> list[int]:
-    if args.classes:
+    if args.classes is not None:
         try:
             return [int(c) for c in args.classes.split(",")]
         except ValueError:
             raise FlexDiTError(f"cannot read --classes {args.classes!r}; expected ids such as 1,2,3") from None
-    if args.num < 1:
-        raise FlexDiTError(f"--num-samples must be at least 1, got {args.num}")
     return [i % num_classes for i in range(args.num)]  # balanced classes
 
 
 def cmd_sample(args) -> None:
-    if args.vae == "none" and not args.npz:
-        raise FlexDiTError("--vae none keeps latents, which only an npz can hold; add --npz PATH")
+    for flag, path in (("--out", args.out), ("--npz", args.npz)):
+        if path == "":
+            raise FlexDiTError(f"{flag} is an empty path; give a file name")
+    if args.vae == "none" and (args.out or not args.npz):
+        raise FlexDiTError("--vae none keeps latents, which only an npz can hold, not a PNG: give --npz PATH "
+                           "without --out")
+    if args.eta != 0 and args.sampler != "ddim":
+        raise FlexDiTError(f"--eta is the DDIM noise; the {args.sampler} sampler has none: drop --eta or use "
+                           "--sampler ddim")
     if args.npz and not args.npz.endswith(".npz"):
         args.npz += ".npz"  # numpy would add it to the file anyway
     out_png = args.out or (None if args.npz else "samples.png")
-    for path in (out_png, args.npz):
-        _writable(path)
-    if args.batch < 1:
-        raise FlexDiTError(f"--batch must be at least 1, got {args.batch}")
+    if out_png:
+        check_png_output(out_png, "--out", source=args.ckpt)
+    if args.npz:
+        check_writable(args.npz, source=args.ckpt)
+    for name in ("batch", "grid_max"):
+        if getattr(args, name) < 1:
+            raise FlexDiTError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.num < 1:
+        raise FlexDiTError(f"--num-samples must be at least 1, got {args.num}")
     ctx, device = init_from_env(args.device)
     try:
         options = _load_options(args)
-        model = load_checkpoint(args.ckpt, **options).model.to(device, DTYPES[args.dtype])
+        dtype = resolve_dtype(args.dtype, device)
+        model = load_checkpoint(args.ckpt, **options).model.to(device, DTYPES[dtype])
+        if ctx.is_main:
+            tqdm.write(f"sampling in {dtype} on {device}" + (" (--dtype auto)" if args.dtype == "auto" else ""))
         labels = _sample_labels(args, model.config.num_classes)
+        check_request(model, labels, args.cfg, args.eta, args.seed)  # before the progress bar starts
         if len(labels) < ctx.world_size:
             raise FlexDiTError(f"{len(labels)} samples cannot be shared by {ctx.world_size} processes; ask for at "
                                "least one sample per process")
@@ -353,8 +372,34 @@ def _add_load_options(p: argparse.ArgumentParser, density_help: str) -> None:
     group.add_argument("--grid", metavar="G", help="a fixed sparse grid, G or HxW, at every timestep")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with flexdit's one-line errors (`flexdit: error: ...`, exit 2) and the checks every command shares:
+    float arguments are finite, counts are positive, seeds are in the samplers' range."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("flexdit").strip()
+        self.exit(2, f"flexdit: error: {command + ': ' if command else ''}{message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extra = super().parse_known_args(args, namespace)
+        for name, value in vars(parsed).items():
+            flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+            if isinstance(value, float) and not math.isfinite(value):
+                self.error(f"{flag} {value}: give a finite number")
+            if name in AT_LEAST_ONE and value is not None and value < 1:
+                self.error(f"{flag} {value}: give a number of at least 1")
+            if name in AT_LEAST_ZERO and value is not None and value < 0:
+                self.error(f"{flag} {value}: give a number of at least 0")
+            if name in AT_LEAST_ONE and value is not None and value > MAX_COUNT:
+                self.error(f"{flag} {value} is too large; give at most {MAX_COUNT}")
+        seed = getattr(parsed, "seed", 0)
+        if not 0 <= seed <= MAX_SEED:
+            self.error(f"--seed {seed} is out of range; give a seed from 0 to {MAX_SEED}")
+        return parsed, extra
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flexdit", description="FlexDiT: dynamic token density for DiTs")
+    parser = Parser(prog="flexdit", description="FlexDiT: dynamic token density for DiTs")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="any supported checkpoint -> our format; dense DiT -> FlexDiT")
@@ -376,8 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, help_ in (("flops", cmd_flops, "GFLOPs of a model, dense vs FlexDiT, averaged over a sampler"),
                               ("bench", cmd_bench, "time dense vs FlexDiT forward passes side by side")):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("--model", default="DiT-XL/2", help="standard size, e.g. DiT-XL/2 or FlexDiT-B/2")
-        p.add_argument("--image-size", type=int, default=256, help="image pixels (latent = size / 8)")
+        p.add_argument("--model", help="standard size, e.g. DiT-XL/2 (default) or FlexDiT-B/2")
+        p.add_argument("--image-size", type=int, help="image pixels (latent = size / 8; default 256)")
         p.add_argument("--ckpt", help="measure a checkpoint's own config instead of --model")
         p.add_argument("--num-heads", type=int, help="with --ckpt: heads, for non-standard sizes")
         p.add_argument("--layout", help="FlexDiT layout ('default', 'dense' or a spec like 2+4x1-3-1-1+2)")
@@ -390,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         if name == "bench":
             p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-            p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+            p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=AUTO_DTYPE_HELP)
             p.add_argument("--batch", type=int, default=1)
             p.add_argument("--repeats", type=int, default=5, help="timed forward passes per grid (median)")
             p.add_argument("--warmup", type=int, default=2)
@@ -416,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--npz", help="ADM evaluation npz: arr_0 uint8 NHWC, arr_1 labels")
     p.add_argument("--vae", help="local diffusers AutoencoderKL folder for latent models, or 'none' to keep latents")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=AUTO_DTYPE_HELP)
     _add_load_options(p, "override the checkpoint's temporal schedule")
     p.set_defaults(func=cmd_sample)
 
@@ -437,21 +482,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "interval per process and step; for fewer processes than intervals")
     p.add_argument("--steps", type=int, default=1000, help="total optimiser steps (including resumed ones)")
     p.add_argument("--batch", type=int, default=32, help="global batch, split over torchrun processes")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, in (0, 1] (default 1e-4)")
     p.add_argument("--lr-warmup", type=int, default=0, help="steps of linear learning-rate warm-up (default none)")
     p.add_argument("--lr-schedule", default="constant",
                    help="after the warm-up: constant (default; the paper, DiT) or cosine (decay to 0 at --steps)")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--ema", type=float, default=0.9999, help="EMA decay")
+    p.add_argument("--ema", type=float, default=0.9999, help="EMA decay, in [0, 1) (default 0.9999)")
+    p.add_argument("--ema-warmup", action="store_true",
+                   help="EMA decay min(--ema, (1 + step) / (10 + step)): the average forgets the initialisation")
     p.add_argument("--teacher", metavar="CKPT", help="also learn to match this model's predictions (distillation; "
                                                      "usually the dense checkpoint of --init)")
     p.add_argument("--distill", type=float, default=1.0, help="weight of the distillation term (with --teacher)")
-    p.add_argument("--label-dropout", type=float, default=0.1, help="null-class probability (guidance)")
+    p.add_argument("--label-dropout", type=float, default=0.1, help="null-class probability (guidance), in [0, 1)")
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept on disk")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out, with the settings recorded at its first start "
+                        "(train_args.json); only --steps (not of a cosine run), --out, --device, --dtype, "
+                        "--ckpt-every, --log-every, --keep and speed options may change")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="autocast dtype; " + AUTO_DTYPE_HELP)
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--fsdp", action="store_true", help="shard the model over processes (XL)")
@@ -488,9 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (default 1: none, as the experiment)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=3, help="timed sampling runs per model (median)")
+    p.add_argument("--repeats", type=int, default=2, help="timed sampling runs per model after the PNG run (median)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=AUTO_DTYPE_HELP)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("extract-latents", help="encode an image folder with a VAE once, for fast training")
@@ -506,10 +556,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def fail(message: str) -> None:
+    """The one-line error every command ends with (a path holding a newline stays on one line)."""
+    print(f"flexdit: error: {message}".replace("\n", "\\n"), file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+        sys.stdout.flush()  # a reader that closed the pipe (`| head`) is found here, inside the handler
     except FlexDiTError as e:
-        print(f"flexdit: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
+    except (MemoryError, RuntimeError) as e:
+        # a size far beyond this machine: torch reports a failed CPU allocation as a RuntimeError
+        if not isinstance(e, MemoryError) and not any(s in str(e) for s in ALLOCATION_FAILURES):
+            raise
+        fail("out of memory: the sizes asked for need more memory than this machine has; ask for smaller sizes "
+             "or batches")
+    except BrokenPipeError:
+        # the reader has all it wanted; point stdout at /dev/null so the interpreter's final flush stays quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)

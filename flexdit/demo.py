@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 from flexdit.checkpoints import load
-from flexdit.distributed import DTYPES, resolve_device
+from flexdit.distributed import DTYPES, resolve_device, resolve_dtype
 from flexdit.errors import FlexDiTError
+from flexdit.io import atomic_write, check_png_output
 from flexdit.measure.bench import time_sampling
 from flexdit.measure.flops import flops_report
 from flexdit.sampling import decode, image_grid, plan, sample
@@ -39,14 +40,12 @@ def side_by_side(left: np.ndarray, right: np.ndarray) -> np.ndarray:
 
 
 def run_demo(out: str, dense_path: str | None = None, flexdit_path: str | None = None, per_class: int = 2,
-             sampler: str = "ddim", steps: int = 25, cfg: float = 1.0, seed: int = 0, repeats: int = 3,
-             device: str = "cpu", dtype: str = "bf16", log=print) -> DemoResult:
-    if dtype not in DTYPES:
-        raise FlexDiTError(f"unknown --dtype {dtype}; choose {', '.join(DTYPES)}")
+             sampler: str = "ddim", steps: int = 25, cfg: float = 1.0, seed: int = 0, repeats: int = 2,
+             device: str = "cpu", dtype: str = "auto", log=print) -> DemoResult:
+    """dtype "auto": bf16 where the device runs it natively, fp32 elsewhere (bf16 is emulated on AVX2-only CPUs)."""
     if per_class < 1 or repeats < 1:
         raise FlexDiTError(f"--per-class and --repeats must be at least 1, got {per_class} and {repeats}")
-    if Path(out).suffix.lower() != ".png":
-        raise FlexDiTError(f"--out {out} must be a .png file")
+    check_png_output(out, "--out")
     dense_path, flexdit_path = Path(dense_path or DENSE_WEIGHTS), Path(flexdit_path or FLEXDIT_WEIGHTS)
     for p in (dense_path, flexdit_path):
         if not p.exists():
@@ -58,6 +57,7 @@ def run_demo(out: str, dense_path: str | None = None, flexdit_path: str | None =
     if models["dense"].config.input_size != models["flexdit"].config.input_size:
         raise FlexDiTError("the dense model and the FlexDiT take different input sizes; pass a matching pair")
     dev = resolve_device(device)
+    requested, dtype = dtype, resolve_dtype(dtype, dev)
     for model in models.values():
         model.to(dev, DTYPES[dtype]).requires_grad_(False)
     num_classes = min(m.config.num_classes for m in models.values())
@@ -75,14 +75,15 @@ def run_demo(out: str, dense_path: str | None = None, flexdit_path: str | None =
     grids = [image_grid(decode(sample(m, labels, sampler, steps, cfg_scale=cfg, seed=seed)), columns=per_class)
              for m in models.values()]
     png = Path(out)
-    png.parent.mkdir(parents=True, exist_ok=True)
     picture = side_by_side(*grids)
-    Image.fromarray(picture[..., 0] if picture.shape[2] == 1 else picture).save(png)
-    log(f"wrote {png}: dense DiT (left) | FlexDiT (right), same classes and noise")
+    image = Image.fromarray(picture[..., 0] if picture.shape[2] == 1 else picture)
+    atomic_write(png, lambda tmp: image.save(tmp, format="PNG"))
+    log(f"wrote {png}: dense DiT (left) | FlexDiT (right), same classes and noise ({dtype} on {dev}"
+        f"{', --dtype auto' if requested == 'auto' else ''})")
 
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     log(f"timing: {len(labels)} images per run, median of {repeats}, models alternating ({where}, {dtype})")
-    seconds = time_sampling(models, labels, sampler, steps, cfg, repeats=repeats)
+    seconds = time_sampling(models, labels, sampler, steps, cfg, repeats=repeats, warmup=0)  # the grids warmed up
     result = DemoResult(png, gflops, {name: len(labels) / s for name, s in seconds.items()})
     log(f"{'':8} {'GFLOPs':>8} {'images/s':>9}")
     for name in models:

@@ -4,6 +4,7 @@ The model is always called with integer timesteps 0..999, so a FlexDiT runs each
 density schedule gives for that timestep. Every sample's noise comes from its own generator, seeded by
 (seed, sample index): the images do not depend on the batch size or on how work is split over processes.
 """
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,7 @@ from flexdit.schedule import NUM_TIMESTEPS
 from flexdit.vae import LATENT_SCALE
 
 SAMPLERS = ("ddpm", "ddim", "dpm")
+MAX_SEED = 2**32 - 1  # sample i's generator is seeded with seed * 1_000_003 + i, which must fit in 64 bits
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm": 20}
 
 
@@ -29,11 +31,30 @@ class SamplerPlan:
     timesteps: list[int]  # descending: the order the model sees them
 
 
-def _check_labels(model: DiT, labels: torch.Tensor) -> None:
+def _checked_labels(model: DiT, labels: torch.Tensor | list[int]) -> torch.Tensor:
+    """Class ids as a (B,) long tensor, each within the model's classes (checked before any tensor conversion,
+    so a huge id is an error, not an overflow)."""
+    ids = [int(c) for c in (labels.flatten().tolist() if isinstance(labels, torch.Tensor) else labels)]
     n = model.config.num_classes
-    bad = [int(c) for c in labels.tolist() if not 0 <= int(c) < n]
+    bad = [c for c in ids if not 0 <= c < n]
     if bad:
         raise FlexDiTError(f"unknown class id {bad[0]}; this model has classes 0..{n - 1}")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def check_request(model: DiT, labels: torch.Tensor | list[int], cfg_scale: float, eta: float,
+                  seed: int) -> torch.Tensor:
+    """Refuse what `sample` cannot do well before it starts; returns the labels as a (B,) long tensor."""
+    labels = _checked_labels(model, labels)
+    if not 1 <= cfg_scale < math.inf:
+        raise FlexDiTError(f"cfg scale must be a finite number of at least 1 (1 = no guidance), got {cfg_scale}")
+    if cfg_scale != 1 and not model.has_null_class:
+        raise FlexDiTError("classifier-free guidance needs a model trained with a null class; use --cfg 1")
+    if not 0 <= eta < math.inf:
+        raise FlexDiTError(f"eta must be a finite number of at least 0 (0 = deterministic DDIM), got {eta}")
+    if not 0 <= seed <= MAX_SEED:
+        raise FlexDiTError(f"seed {seed} is out of range; give a seed from 0 to {MAX_SEED}")
+    return labels
 
 
 def _sample_generators(seed: int, indices: list[int]) -> list[torch.Generator]:
@@ -86,13 +107,8 @@ def sample(model: DiT, labels: torch.Tensor | list[int], sampler: str = "ddpm", 
     """
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
-    labels = torch.as_tensor(labels, dtype=torch.long).flatten()
-    _check_labels(model, labels)
-    if cfg_scale < 1:
-        raise FlexDiTError(f"cfg scale must be at least 1 (1 = no guidance), got {cfg_scale}")
+    labels = check_request(model, labels, cfg_scale, eta, seed)
     guided = cfg_scale != 1
-    if guided and not model.has_null_class:
-        raise FlexDiTError("classifier-free guidance needs a model trained with a null class; use --cfg 1")
     the_plan = plan(sampler, steps)
     indices = list(range(len(labels))) if sample_indices is None else list(sample_indices)
     generators = _sample_generators(seed, indices)
@@ -114,7 +130,7 @@ def sample(model: DiT, labels: torch.Tensor | list[int], sampler: str = "ddpm", 
     if sampler == "dpm":
         scheduler = _dpm_scheduler(the_plan.steps)
         for t in the_plan.timesteps:
-            x = scheduler.step(model_output(x, t)[:, : model.in_channels], t, x).prev_sample
+            x = _finite_step(scheduler.step(model_output(x, t)[:, : model.in_channels], t, x).prev_sample, t, dtype)
             bar.update(1)
     else:
         diffusion = GaussianDiffusion(_spacing(sampler, the_plan.steps), learn_sigma=model.config.learn_sigma)
@@ -125,8 +141,18 @@ def sample(model: DiT, labels: torch.Tensor | list[int], sampler: str = "ddpm", 
             else:
                 noise = _randn(generators, shape, device, torch.float32) if eta > 0 else None
                 x = diffusion.ddim_step(out, x, step, noise, eta)
+            x = _finite_step(x, t, dtype)
             bar.update(1)
     bar.close()
+    return x
+
+
+def _finite_step(x: torch.Tensor, t: int, dtype: torch.dtype) -> torch.Tensor:
+    """Stop at the first step that leaves NaN or inf in the state: decoding it would write black images."""
+    if not torch.isfinite(x).all():
+        hint = " or run in --dtype fp32 or bf16 (fp16 overflows)" if dtype == torch.float16 else ""
+        raise FlexDiTError(f"sampling produced non-finite values at timestep {t}; the model's weights or inputs are "
+                           f"broken (check them with flexdit info){hint}")
     return x
 
 

@@ -126,9 +126,9 @@ def density_from_dict(spec: dict | None) -> Density | None:
 
 def parse_density(density: str | None = None, grid: str | None = None) -> Density | None:
     """Command-line forms: --density R_MIN,R_MAX (or one R) | --grid G or HxW."""
-    if density and grid:
+    if density is not None and grid is not None:
         raise FlexDiTError("give either --density or --grid, not both")
-    if density:
+    if density is not None:
         try:
             values = [float(v) for v in density.split(",")]
         except ValueError:
@@ -136,7 +136,7 @@ def parse_density(density: str | None = None, grid: str | None = None) -> Densit
         if len(values) not in (1, 2):
             raise FlexDiTError(f"cannot read --density {density!r}; expected R_MIN,R_MAX such as 0.61,0.86")
         return DensitySchedule(values[0], values[-1])
-    if grid:
+    if grid is not None:
         try:
             sides = [int(v) for v in grid.lower().split("x")]
         except ValueError:

@@ -1,6 +1,7 @@
 """Training data sources and `flexdit extract-latents`, on a tiny random VAE and images built here."""
 import gzip
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -92,6 +93,26 @@ def test_extract_latents_end_to_end(capsys, tmp_path, image_dir, vae_dir):
     assert y.tolist() == [2, 0]
 
 
+def test_latents_are_read_from_the_shard_files_when_a_batch_asks(capsys, tmp_path, image_dir, vae_dir):
+    """Memory-mapped, not loaded: every process reads only its batches' rows (through the shared page cache)."""
+    out = tmp_path / "latents"
+    extract(capsys, image_dir, vae_dir, out, "--shard-size", 4, "--flip")
+    data = open_dataset(str(out))
+    before, _ = data.batch(torch.tensor([5, 0]))
+    path = out / "latents-00001.safetensors"  # sample 5 is row 1 of the second shard
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")  # safetensors: header length, JSON header, data
+    start = 8 + size + json.loads(raw[8:8 + size])["latents"]["data_offsets"][0]
+    row = 4 * SIZE * SIZE * 2  # bytes of one float16 latent
+    with path.open("r+b") as f:  # rewritten on disk after the folder was opened
+        f.seek(start + row)
+        f.write(np.full(4 * SIZE * SIZE, 7, dtype=np.float16).tobytes())
+    after, _ = data.batch(torch.tensor([5, 0]))
+    assert (after[0] == 7).all() and not (before[0] == 7).all() and torch.equal(after[1], before[1])
+    flipped, _ = data.batch(torch.tensor([5]), torch.tensor([True]))  # mirrored rows come from latents_flip
+    assert not (flipped == 7).all()
+
+
 def test_latents_without_flips_refuse_flip_and_rerun_overwrites(capsys, tmp_path, image_dir, vae_dir):
     out = tmp_path / "latents"
     extract(capsys, image_dir, vae_dir, out, "--shard-size", 4, "--flip")
@@ -132,6 +153,24 @@ def test_extract_latents_errors(capsys, tmp_path, image_dir, vae_dir):
     assert "config.json" in err
 
 
+OUTPUT_CASES = [  # (name, --out relative to a folder holding "file" and the images, key words)
+    ("a file", "file", ["--out", "is a file"]),
+    ("inside a file", "file/latents", ["--out", "lies inside the file"]),
+    ("inside the images", "images/latents", ["--out", "lies inside --images"]),
+]
+
+
+@pytest.mark.parametrize("out, words", [c[1:] for c in OUTPUT_CASES], ids=[c[0] for c in OUTPUT_CASES])
+def test_extract_latents_checks_its_output_before_any_work(capsys, tmp_path, image_dir, out, words):
+    shutil.copytree(image_dir, tmp_path / "images")
+    (tmp_path / "file").write_text("keep me")
+    # the VAE does not exist: the output is refused before the images are scanned or the VAE is loaded
+    err = cli_fails(capsys, "extract-latents", "--images", tmp_path / "images", "--vae", tmp_path / "no-vae",
+                    "--out", tmp_path / out, "--image-size", SIZE, "--device", "cpu")
+    assert all(word in err for word in words) and "Traceback" not in err, err
+    assert (tmp_path / "file").read_text() == "keep me" and not (tmp_path / "images" / "latents").exists()
+
+
 def test_latents_folder_errors(capsys, tmp_path, image_dir, vae_dir):
     out = tmp_path / "latents"
     extract(capsys, image_dir, vae_dir, out, "--shard-size", 4)
@@ -158,6 +197,10 @@ def test_latents_folder_errors(capsys, tmp_path, image_dir, vae_dir):
     with pytest.raises(FlexDiTError, match="label 2 outside the 2 classes"):
         open_dataset(str(out))
     with_meta()
+    shard = (out / "latents-00000.safetensors").read_bytes()
+    (out / "latents-00000.safetensors").write_bytes(shard[:-10])
+    with pytest.raises(FlexDiTError, match="cannot read shard .* truncated"):
+        open_dataset(str(out))
     (out / "latents-00000.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(FlexDiTError, match="cannot read shard"):
         open_dataset(str(out))

@@ -49,9 +49,9 @@ def test_demo_errors(pair, tmp_path, capsys):
     err = cli_fails(capsys, "demo", "--dense", flex, "--flexdit", dense, "--out", tmp_path / "x.png")
     assert "--dense must be a dense DiT" in err
     assert "--per-class" in cli_fails(capsys, "demo", "--dense", dense, "--flexdit", flex, "--per-class", "0")
-    assert "must be a .png" in cli_fails(capsys, "demo", "--dense", dense, "--flexdit", flex, "--out", tmp_path / "x")
-    assert "--repeats must be at least 1" in cli_fails(capsys, "demo", "--dense", dense, "--flexdit", flex,
-                                                       "--repeats", "0")
+    assert "ending in .png" in cli_fails(capsys, "demo", "--dense", dense, "--flexdit", flex, "--out", tmp_path / "x")
+    assert "--repeats 0: give a number of at least 1" in cli_fails(capsys, "demo", "--dense", dense, "--flexdit", flex,
+                                                                   "--repeats", "0")
 
 
 

@@ -2,6 +2,7 @@
 evaluator on npz batches (Fashion-MNIST features for speed; the Inception path with random weights) and its
 error paths, and the command end to end. The statistics themselves are tested in test_fidelity.py."""
 import json
+from contextlib import ExitStack
 
 import numpy as np
 import pytest
@@ -84,6 +85,12 @@ def fm(tmp_path_factory):
     return {"samples": write_npz(folder / "samples.npz", arr_0=samples, arr_1=labels),
             "reference": write_npz(folder / "reference.npz", arr_0=pixels(40, seed=2)),
             "images": samples, "labels": labels, "folder": folder}
+
+
+def quick_frechet(mu1, sigma1, mu2, sigma2) -> float:
+    """A stand-in for frechet_distance where its value is not the point: sqrtm of a singular 128-d product costs
+    seconds on one core."""
+    return float(np.square(mu1 - mu2).sum())
 
 
 # --- the FID Inception ------------------------------------------------------------------------------------
@@ -246,7 +253,7 @@ def test_inception_path_with_random_weights(tmp_path, inception_file, monkeypatc
 
     def frechet(mu1, sigma1, mu2, sigma2):
         calls.append((mu1.shape, sigma2.shape))
-        return float(np.square(mu1 - mu2).sum())
+        return quick_frechet(mu1, sigma1, mu2, sigma2)
 
     monkeypatch.setattr(evaluate_module, "frechet_distance", frechet)
     samples = write_npz(tmp_path / "s.npz", arr_0=pixels(4, side=16, channels=3, seed=6))
@@ -271,6 +278,30 @@ def test_compressed_npz_is_streamed_in_batches(tmp_path, fm):
     packed = evaluate(path, fm["reference"], features="fmnist", batch_size=9)
     for key in ("fid", "precision", "recall", "class_accuracy", "inception_score"):
         assert packed[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-6), key
+
+
+def test_images_are_read_one_batch_at_a_time(fm, monkeypatch):
+    monkeypatch.setattr(evaluate_module, "frechet_distance", quick_frechet)
+    reads = []
+    read = evaluate_module.NpzArray._read
+
+    def counting(self, offset, shape):
+        reads.append((self.key, shape[0]))
+        return read(self, offset, shape)
+
+    monkeypatch.setattr(evaluate_module.NpzArray, "_read", counting)
+    evaluate(fm["samples"], fm["reference"], features="fmnist", batch_size=16)
+    assert [rows for key, rows in reads if key == "arr_0"] == [16, 16, 8] * 2  # samples, then the reference
+    assert ("arr_1", 40) in reads  # the labels, read whole
+
+
+def test_column_major_statistics_are_read_as_written(tmp_path):
+    sigma = np.arange(12.0).reshape(3, 4)  # not symmetric: a transposed read would show
+    path = write_npz(tmp_path / "f_order.npz", mu=np.arange(3.0), sigma=np.asfortranarray(sigma))
+    with ExitStack() as stack:
+        stored = evaluate_module._open_arrays(path, "reference", stack)["sigma"]
+        assert stored.fortran_order and stored.shape == (3, 4)
+        np.testing.assert_array_equal(stored.read(), sigma)
 
 
 def _bad_inputs(folder, fm):
@@ -335,6 +366,14 @@ def test_cli_table_and_json_file(capsys, tmp_path, fm):
     for label in ("FID-FM", "IS-FM", "precision", "recall", "class accuracy"):
         assert label in out
     assert "sFID" not in out and f"{saved['fid']:.4f}" in out and f"wrote {target}" in out
+
+
+def test_cli_same_file_as_samples_and_reference(capsys, tmp_path, fm, monkeypatch):
+    monkeypatch.setattr(evaluate_module, "frechet_distance", quick_frechet)
+    target = tmp_path / "self.json"
+    main(["eval", str(fm["samples"]), str(fm["samples"]), "--features", "fmnist", "--json", str(target)])
+    result = json.loads(target.read_text())
+    assert result["fid"] == 0.0 and result["precision"] == result["recall"] == 1.0
 
 
 def test_cli_errors(capsys, tmp_path, fm):

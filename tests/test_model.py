@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import flexdit.models.dit as dit_module
+import flexdit.models.core as core_module
 from conftest import inputs, randomize, tiny_config, tiny_model
 from flexdit.errors import FlexDiTError
 from flexdit.models.dit import DiT, model_config
@@ -243,13 +243,13 @@ ONE_SDTM = Layout.flexdit(pool=1, sdtms=1, gen=1, sparse=1, recover=1, dense=1, 
 def pooled_grids(monkeypatch):
     """The sparse_grid argument of every pool_tokens call the model makes."""
     calls = []
-    real = dit_module.pool_tokens
+    real = core_module.pool_tokens
 
     def spy(tokens, grid, sparse_grid):
         calls.append(tuple(sparse_grid))
         return real(tokens, grid, sparse_grid)
 
-    monkeypatch.setattr(dit_module, "pool_tokens", spy)
+    monkeypatch.setattr(core_module, "pool_tokens", spy)
     return calls
 
 
@@ -465,4 +465,5 @@ def test_a_dense_name_given_a_density_is_its_flexdit():
     with_density = model_config("DiT-XL/2", density=DensitySchedule(0.5, 0.9))
     assert with_density.layout == model_config("FlexDiT-XL/2").layout
     assert with_density.density == {"r_min": 0.5, "r_max": 0.9}
-    assert model_config("DiT-XL/2", layout="dense", density=DensitySchedule(0.5, 0.9)).density is None
+    with pytest.raises(FlexDiTError, match="density or grid was given for the dense layout"):
+        model_config("DiT-XL/2", layout="dense", density=DensitySchedule(0.5, 0.9))  # not silently dropped

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flexdit.distributed import DTYPES, resolve_device
+from flexdit.distributed import DTYPES, resolve_device, resolve_dtype
 from flexdit.errors import FlexDiTError
 from flexdit.measure.flops import FlopsReport, flops_report
 from flexdit.measure.memory import peak_forward_memory
@@ -104,14 +104,16 @@ def _grids(report: FlopsReport, model: DiT) -> dict[str, tuple[int, int] | None]
     return {name: tuple(map(int, name.split("x"))) for name in report.steps_per_grid}
 
 
-def bench(flex: DiT, timesteps: list[int], device: str | None = "cpu", dtype: str = "fp32", batch: int = 1,
+def bench(flex: DiT, timesteps: list[int], device: str | None = "cpu", dtype: str = "auto", batch: int = 1,
           repeats: int = 5, warmup: int = 2, compile: bool = False, progress=lambda msg: None) -> dict:
-    """Dense vs FlexDiT of flex's size: GFLOPs, ms per forward, images/s, peak memory, speedup."""
-    if dtype not in DTYPES:
-        raise FlexDiTError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPES)}")
+    """Dense vs FlexDiT of flex's size: GFLOPs, ms per forward, images/s, peak memory, speedup. dtype "auto" is
+    bf16 where the device runs it natively, else fp32 (the result's "dtype" says which)."""
     if batch < 1 or repeats < 1 or warmup < 0:
-        raise FlexDiTError("batch and repeats must be at least 1 and warmup at least 0")
-    dev, torch_dtype = resolve_device(device), DTYPES[dtype]
+        raise FlexDiTError(f"--batch and --repeats must be at least 1 and --warmup at least 0, got {batch}, "
+                           f"{repeats} and {warmup}")
+    dev = resolve_device(device)
+    dtype = resolve_dtype(dtype, dev)
+    torch_dtype = DTYPES[dtype]
     models = {"dense": DiT(flex.config.dense()), "flexdit": flex}
     reports, cases = {}, []
     for name, model in models.items():

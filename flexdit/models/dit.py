@@ -3,6 +3,8 @@
 Structure and parameter names follow facebookresearch/DiT's models.py, so the all-dense layout is
 the original DiT and its checkpoints load as they are.
 """
+import json
+import os
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -10,17 +12,20 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from flexdit.errors import FlexDiTError
+from flexdit.io import save_safetensors
+from flexdit.models.core import FlexDiTCore
 from flexdit.models.layout import Layout
-from flexdit.nn.blocks import GEN, RECOVER, Block, FinalLayer
-from flexdit.nn.density import Grid, pool_tokens
+from flexdit.nn.blocks import Block, FinalLayer
+from flexdit.nn.density import Grid
 from flexdit.nn.embed import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
-from flexdit.schedule import Density, DensitySchedule, FixedGrid, density_from_dict
+from flexdit.schedule import Density, DensitySchedule, density_from_dict
 
 # Standard sizes: depth, hidden size, heads (DiT paper, Table 1).
 SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 PATCH_SIZES = (2, 4, 8)
 HEADS_BY_HIDDEN = {hidden: heads for _, hidden, heads in SIZES.values()}
 DEFAULT_DENSITY = DensitySchedule(0.61, 0.86)  # the paper's main setting at 256 and 512 px
+SAVED_CONFIG_KEY = "flexdit_config"  # the safetensors metadata entry `save` writes the config to
 
 
 @dataclass
@@ -86,17 +91,16 @@ class DiTConfig:
         return cls(**d)
 
 
-class DiT(nn.Module):
-    """Diffusion transformer over a token grid, with any layout of dense, pooling and sparse blocks."""
+class DiT(FlexDiTCore):
+    """Class-conditional diffusion transformer over a token grid, with any layout of dense, pooling and sparse
+    blocks (adaLN-Zero conditioning on timestep + class)."""
 
     def __init__(self, config: DiTConfig):
         super().__init__()
         self.config = config
         D, p = config.hidden_size, config.patch_size
-        self.layout = Layout(config.layout)
+        self._init_core(Layout(config.layout), density_from_dict(config.density), config.token_grid)
         self.in_channels, self.out_channels, self.patch_size = config.in_channels, config.out_channels, p
-        self.token_grid = config.token_grid
-        self.density: Density | None = density_from_dict(config.density)
 
         self.x_embedder = PatchEmbed(p, config.in_channels, D)
         self.t_embedder = TimestepEmbedder(D, freq_shift=config.timestep_freq_shift)
@@ -106,17 +110,6 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList([Block(kind, D, config.num_heads, config.mlp_ratio) for kind in self.layout.kinds])
         self.final_layer = FinalLayer(D, p, config.out_channels)
         self.initialize_weights()
-        self._compiled_forward_grid = None
-        self.grad_checkpointing = False  # recompute each block in backward instead of storing activations
-
-    def compile_grids(self, **compile_kwargs) -> "DiT":
-        """torch.compile the per-grid forward: shapes are static per grid, so each grid compiles once."""
-        import torch._dynamo
-
-        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
-        self._compiled_forward_grid = torch.compile(self.forward_grid, dynamic=False, **compile_kwargs)
-        return self
 
     def initialize_weights(self) -> None:
         """DiT's initialisation: adaLN-Zero (every block starts as identity), zero output layer."""
@@ -141,34 +134,13 @@ class DiT(nn.Module):
 
     # --- description ------------------------------------------------------------------------------
     @property
-    def is_flexdit(self) -> bool:
-        return not self.layout.is_dense
-
-    @property
     def has_null_class(self) -> bool:
         return self.y_embedder.has_null_class
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
-    def with_density(self, density: Density | None) -> "DiT":
-        """Set the density used when forward() is not given a grid; returns self."""
-        self.density = density
-        self.config = replace(self.config, density=density.to_dict() if density else None)
-        return self
-
-    def grids_for(self, t: torch.Tensor) -> list[Grid]:
-        """The sparse grid each sample of the batch runs at, read from the density at its timestep."""
-        if self.density is None:
-            raise FlexDiTError("this FlexDiT has no density schedule; set one (--density R_MIN,R_MAX or "
-                               "--grid G, or model.with_density(...)) or pass grid= to forward")
-        return self.density.grids(t.detach().cpu(), self.token_grid)
-
-    def save(self, path: str) -> None:
-        """Write our format: safetensors with the JSON config in its metadata (atomically)."""
-        from flexdit.checkpoints import save_model
-
-        save_model(self, path)
+    def save(self, path: str | os.PathLike) -> None:
+        """Write our format: safetensors with the JSON config in its metadata (atomically); flexdit.load reads it."""
+        metadata = {"format": "flexdit", SAVED_CONFIG_KEY: json.dumps(self.config.to_dict())}
+        save_safetensors(path, self.state_dict(), metadata)
 
     # --- forward ------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, grid: Grid | None = None) -> torch.Tensor:
@@ -178,47 +150,13 @@ class DiT(nn.Module):
         samples whose timesteps need different grids run as separate groups.
         """
         self._check_inputs(x, t, y)
-        run = self._compiled_forward_grid or self.forward_grid
-        if not self.layout.has_sparse_tokens:
-            return run(x, t, y, None)
-        if grid is not None:
-            return run(x, t, y, FixedGrid(*grid).grid(0, self.token_grid))
-        grids = self.grids_for(t)
-        distinct = sorted(set(grids))
-        if len(distinct) == 1:
-            return run(x, t, y, distinct[0])
-        out = None
-        for g in distinct:
-            idx = torch.tensor([i for i, gi in enumerate(grids) if gi == g], device=x.device)
-            group_out = run(x[idx], t[idx], y[idx], g)
-            if out is None:
-                out = group_out.new_empty(x.shape[0], *group_out.shape[1:])
-            out[idx] = group_out
-        return out
+        return self.dispatch((x, t, y), t, grid)
 
     def forward_grid(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, sparse_grid: Grid | None) -> torch.Tensor:
         """The forward pass at one sparse grid (static shapes: compiles once per grid)."""
         tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
-        dense_input = None  # the SDTM's dense input while tokens are sparse
-        checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
-
-        def run(block: Block, x: torch.Tensor, context: torch.Tensor | None = None, grids=None) -> torch.Tensor:
-            if checkpointed:
-                return torch.utils.checkpoint.checkpoint(block, x, c, context, grids, use_reentrant=False)
-            return block(x, c, context, grids)
-
-        for block in self.blocks:
-            if block.kind == GEN:
-                if dense_input is None:
-                    dense_input = tokens
-                    tokens = pool_tokens(tokens, self.token_grid, sparse_grid)  # (B, M, D)
-                tokens = run(block, tokens, dense_input)
-            elif block.kind == RECOVER:
-                tokens = run(block, dense_input, tokens, (sparse_grid, self.token_grid))  # (B, N, D)
-                dense_input = None
-            else:
-                tokens = run(block, tokens)
+        tokens = self.walk(tokens, sparse_grid, lambda block, h, context, grids: block(h, c, context, grids))
         return self.unpatchify(self.final_layer(tokens, c))
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -285,9 +223,10 @@ def model_config(name: str, input_size: int | tuple[int, int] = 32, layout: str 
         layout = Layout.default_flexdit(depth) if flex or density is not None else Layout.dense(depth)
     elif isinstance(layout, str):
         layout = Layout.parse(layout, depth)
-    if not layout.has_sparse_tokens:
-        density = None
-    elif density is None:
+    if not layout.has_sparse_tokens and density is not None:
+        raise FlexDiTError(f"a density or grid was given for the dense layout {layout}; drop --density/--grid, or "
+                           "give a FlexDiT layout (--layout default)")
+    if density is None and layout.has_sparse_tokens:
         density = DEFAULT_DENSITY
     config = dict(input_size=input_size, patch_size=patch, hidden_size=hidden, num_heads=heads,
                   layout=layout.kinds, density=density.to_dict() if density else None)

@@ -1,4 +1,5 @@
 """FlexDiT initialised from a dense DiT (paper Sec. 2): layer i takes the weights of dense layer i.
+Any FlexDiTCore backbone converts the same way (DiT, PixArt-alpha): the result is the source's own class.
 
 Cross-attention blocks split the dense qkv into q and kv; Poolingformer blocks keep only v; embedders
 and the final layer are copied; the recovery merges start at W1 = 0, W2 = I. The report names the
@@ -11,7 +12,7 @@ import torch
 from flexdit.errors import FlexDiTError
 from flexdit.models.dit import DEFAULT_DENSITY, DiT
 from flexdit.models.layout import Layout
-from flexdit.nn.blocks import DENSE, GEN, POOL, RECOVER, SPARSE
+from flexdit.nn.blocks import CROSS_KINDS, DENSE, POOL, RECOVER, SPARSE
 from flexdit.schedule import Density
 
 
@@ -36,7 +37,7 @@ def block_state_from_dense(kind: str, dense: dict[str, torch.Tensor], prefix: st
     if kind == POOL:
         out["attn.v.weight"], out["attn.v.bias"] = qkv_w[2 * C:], qkv_b[2 * C:]
         report.unused.append(f"{prefix}attn.qkv (q and k rows 0..{2 * C - 1})")
-    elif kind in (GEN, RECOVER):
+    elif kind in CROSS_KINDS:
         out["attn.q.weight"], out["attn.q.bias"] = qkv_w[:C], qkv_b[:C]
         out["attn.kv.weight"], out["attn.kv.bias"] = qkv_w[C:], qkv_b[C:]
     else:
@@ -61,7 +62,7 @@ def flexdit_from_dense(dense: DiT, layout: Layout | str | None = None,
         density = dense.density or DEFAULT_DENSITY
     config = replace(dense.config, layout=layout.kinds,
                      density=density.to_dict() if layout.has_sparse_tokens else None)
-    flex = DiT(config).to(device=dense.pos_embed.device, dtype=dense.pos_embed.dtype)
+    flex = type(dense)(config).to(device=dense.pos_embed.device, dtype=dense.pos_embed.dtype)
 
     report = ConversionReport()
     source = dense.state_dict()

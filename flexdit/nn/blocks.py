@@ -10,6 +10,19 @@ from flexdit.nn.density import Grid, upsample_tokens
 # Block kinds, in the order they appear inside a FlexDiT. One word each, used by layouts and configs.
 DENSE, POOL, GEN, SPARSE, RECOVER = "dense", "pool", "gen", "sparse", "recover"
 BLOCK_KINDS = (DENSE, POOL, GEN, SPARSE, RECOVER)
+CROSS_KINDS = (GEN, RECOVER)  # queries of one grid attend to keys/values of the other
+
+
+def token_mixer(kind: str, dim: int, num_heads: int) -> nn.Module:
+    """The one place a block kind picks its token mixer, for every backbone: Poolingformer blocks mix by an O(N)
+    mean, `gen` and `recover` attend across grids (sparse <-> dense), dense and sparse blocks self-attend."""
+    if kind not in BLOCK_KINDS:
+        raise ValueError(f"unknown block kind {kind!r}; expected one of {', '.join(BLOCK_KINDS)}")
+    if kind == POOL:
+        return MeanPoolMixer(dim)
+    if kind in CROSS_KINDS:
+        return CrossAttention(dim, num_heads)
+    return SelfAttention(dim, num_heads)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -60,16 +73,9 @@ class Block(nn.Module):
 
     def __init__(self, kind: str, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
         super().__init__()
-        if kind not in BLOCK_KINDS:
-            raise ValueError(f"unknown block kind {kind!r}; expected one of {', '.join(BLOCK_KINDS)}")
         self.kind = kind
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        if kind == POOL:
-            self.attn = MeanPoolMixer(hidden_size)
-        elif kind in (GEN, RECOVER):
-            self.attn = CrossAttention(hidden_size, num_heads)
-        else:
-            self.attn = SelfAttention(hidden_size, num_heads)
+        self.attn = token_mixer(kind, hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
@@ -77,7 +83,7 @@ class Block(nn.Module):
 
     @property
     def is_cross(self) -> bool:
-        return self.kind in (GEN, RECOVER)
+        return self.kind in CROSS_KINDS
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None,
                 grids: tuple[Grid, Grid] | None = None) -> torch.Tensor:

@@ -27,6 +27,8 @@ IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC = 2051, 2049
 FASHION_MNIST_SIDE, FASHION_MNIST_PADDED, FASHION_MNIST_CLASSES = 28, 32, 10
+SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "I64": np.int64}
+SHARD_DTYPES = {"latents": np.float16, "labels": np.int64, "latents_flip": np.float16}  # as extract-latents writes
 
 
 class TrainData(ABC):
@@ -61,9 +63,10 @@ class LatentsData(TrainData):
     """A folder written by `flexdit extract-latents`: meta.json + latents-NNNNN.safetensors shards.
 
     Encoding once and training on the stored latents (the fast-DiT recipe) takes the VAE out of every step.
-    All shards are loaded into memory as float16 at open; samples are indexed by global position.
-    Mirrored samples are stored latents of mirrored images (`latents_flip`), because mirroring a latent is
-    not the same as encoding the mirrored image.
+    The shards are memory-mapped, not loaded: a batch reads only its own rows, and the processes of a machine
+    share one copy through the page cache (ImageNet-256 with flips is ~21 GB). Only the labels are held.
+    Samples are indexed by global position. Mirrored samples are stored latents of mirrored images
+    (`latents_flip`), because mirroring a latent is not the same as encoding the mirrored image.
     """
 
     def __init__(self, folder: Path, image_size: int | None = None):
@@ -78,7 +81,7 @@ class LatentsData(TrainData):
         self.sample_shape = tuple(int(s) for s in meta["latent_shape"])
         self.can_flip = bool(meta["flip"])
         self.vae_path = meta["vae"]
-        self.latents, self.labels, self.flipped = _load_shards(folder, meta)
+        self.latents, self.labels, self.flipped = _map_shards(folder, meta)
         bad = (self.labels < 0) | (self.labels >= self.num_classes)
         if bad.any():
             raise FlexDiTError(f"{folder} has label {int(self.labels[bad][0])} outside the {self.num_classes} "
@@ -88,13 +91,32 @@ class LatentsData(TrainData):
         return len(self.labels)
 
     def batch(self, indices, flip=None):
-        x = self.latents[indices]  # (B, C, H, W) float16
-        if flip is not None and flip.any():
-            if self.flipped is None:
-                raise FlexDiTError("these latents were extracted without mirrored images; extract them again "
-                                   "with --flip, or train without flips")
-            x = torch.where(flip.view(-1, 1, 1, 1), self.flipped[indices], x)
-        return x.float(), self.labels[indices]
+        flip = torch.zeros(len(indices), dtype=torch.bool) if flip is None else flip
+        if flip.any() and self.flipped is None:
+            raise FlexDiTError("these latents were extracted without mirrored images; extract them again "
+                               "with --flip, or train without flips")
+        x = torch.empty((len(indices), *self.sample_shape))  # (B, C, H, W) float32
+        for source, rows in ((self.latents, ~flip), (self.flipped, flip)):
+            if rows.any():  # each sample is read from the one array it needs
+                x[rows] = source.rows(indices[rows]).float()
+        return x, self.labels[indices]
+
+
+class ShardedRows:
+    """Rows of arrays (N_i, ...) split over shards, indexed by global position; reads only the rows asked for."""
+
+    def __init__(self, parts: list[np.ndarray]):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+
+    def rows(self, indices: torch.Tensor) -> torch.Tensor:
+        idx = indices.numpy()
+        shard = np.searchsorted(self.starts, idx, side="right") - 1
+        out = np.empty((len(idx), *self.parts[0].shape[1:]), dtype=self.parts[0].dtype)
+        for s in np.unique(shard):
+            mine = shard == s
+            out[mine] = self.parts[s][idx[mine] - self.starts[s]]
+        return torch.from_numpy(out)
 
 
 def read_meta(folder: Path) -> dict:
@@ -117,47 +139,56 @@ def shard_files(folder: Path) -> list[Path]:
     return sorted(folder.glob(SHARD_NAME.replace("{:05d}", "*")))
 
 
-def _load_shards(folder: Path, meta: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(latents (N, C, H, W) f16, labels (N,) i64, mirrored latents or None), checked against meta.json.
+def map_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of a safetensors file, memory-mapped read-only (the format: an 8-byte little-endian header
+    length, a JSON header of dtype, shape and data offsets per array, then the data)."""
+    try:
+        raw = np.memmap(path, dtype=np.uint8, mode="r")
+        size = int(raw[:8].view("<u8")[0])
+        header = json.loads(bytes(raw[8:8 + size]))
+        arrays = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            if info["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{key} is {info['dtype']}, not one of {', '.join(SAFETENSORS_DTYPES)}")
+            dtype, shape = np.dtype(SAFETENSORS_DTYPES[info["dtype"]]), tuple(info["shape"])
+            begin, end = (8 + size + offset for offset in info["data_offsets"])
+            if end > len(raw) or end - begin != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"{key} lies outside the file: it is truncated")
+            arrays[key] = np.frombuffer(raw, dtype, math.prod(shape), begin).reshape(shape)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise FlexDiTError(f"cannot read shard {path}: {e}; extract the latents again") from None
+    return arrays
 
-    Shapes are read first so that each array is allocated once at its full size and filled shard by shard."""
-    from safetensors import SafetensorError, safe_open
 
+def _map_shards(folder: Path, meta: dict) -> tuple[ShardedRows, torch.Tensor, ShardedRows | None]:
+    """(latents (N, C, H, W) f16, labels (N,) i64, mirrored latents or None), checked against meta.json."""
     files = shard_files(folder)
     expected = [folder / SHARD_NAME.format(i) for i in range(len(files))]
     if not files or files != expected:
         raise FlexDiTError(f"{folder} should hold shards {SHARD_NAME.format(0)}, {SHARD_NAME.format(1)}, ... "
                            f"but has {[f.name for f in files] or 'none'}; extract the latents again")
     shape = tuple(meta["latent_shape"])
-    keys = {"latents", "labels"} | ({"latents_flip"} if meta["flip"] else set())
-    counts = []
+    keys = ("latents", "labels") + (("latents_flip",) if meta["flip"] else ())
+    shards = []
     for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as st:
-                shapes = {k: tuple(st.get_slice(k).get_shape()) for k in st.keys()}
-        except (OSError, SafetensorError) as e:
-            raise FlexDiTError(f"cannot read shard {f}: {e}; extract the latents again") from None
-        n = shapes.get("labels", (0,))[0]
-        want = {"latents": (n, *shape), "labels": (n,)} | ({"latents_flip": (n, *shape)} if meta["flip"] else {})
-        if set(shapes) != keys or any(shapes[k] != want[k] for k in keys):
-            raise FlexDiTError(f"shard {f.name} holds {shapes}, but meta.json says latents of shape {list(shape)} "
-                               f"{'with' if meta['flip'] else 'without'} latents_flip; extract the latents again")
-        counts.append(n)
-    if sum(counts) != meta["num_samples"]:
-        raise FlexDiTError(f"{folder} shards hold {sum(counts)} samples but meta.json says {meta['num_samples']}; "
+        arrays = map_safetensors(f)
+        n = len(arrays["labels"]) if "labels" in arrays else 0
+        want = {"latents": (n, *shape), "labels": (n,), "latents_flip": (n, *shape)}
+        found = {k: (a.dtype.name, list(a.shape)) for k, a in arrays.items()}
+        if set(arrays) != set(keys) or any(arrays[k].shape != want[k] or arrays[k].dtype != SHARD_DTYPES[k]
+                                           for k in keys):
+            raise FlexDiTError(f"shard {f.name} holds {found}, but meta.json says float16 latents of shape "
+                               f"{list(shape)} {'with' if meta['flip'] else 'without'} latents_flip; "
+                               "extract the latents again")
+        shards.append(arrays)
+    total = sum(len(a["labels"]) for a in shards)
+    if total != meta["num_samples"]:
+        raise FlexDiTError(f"{folder} shards hold {total} samples but meta.json says {meta['num_samples']}; "
                            "a shard is missing or stale: extract the latents again")
-    total = sum(counts)
-    latents = torch.empty((total, *shape), dtype=torch.float16)
-    flipped = torch.empty_like(latents) if meta["flip"] else None
-    labels = torch.empty(total, dtype=torch.long)
-    start = 0
-    for f, n in zip(files, counts):
-        with safe_open(str(f), framework="pt") as st:
-            latents[start:start + n] = st.get_tensor("latents")
-            labels[start:start + n] = st.get_tensor("labels")
-            if flipped is not None:
-                flipped[start:start + n] = st.get_tensor("latents_flip")
-        start += n
+    labels = torch.from_numpy(np.concatenate([a["labels"] for a in shards]))
+    latents, flipped = (ShardedRows([a[k] for a in shards]) if k in keys else None for k in ("latents", "latents_flip"))
     return latents, labels, flipped
 
 

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from flexdit.distributed import resolve_device
 from flexdit.errors import FlexDiTError
-from flexdit.io import TEMP_PREFIX, atomic_write, remove_stale_temporaries
+from flexdit.io import TEMP_PREFIX, atomic_write, check_output_folder, remove_stale_temporaries
 from flexdit.training.data import (LATENTS_FORMAT, META_FILE, SHARD_NAME, ImageFolderData, encode_latents,
                                    open_dataset, read_meta, shard_files, vae_latent_shape)
 from flexdit.vae import LATENT_SCALE, load_vae
@@ -29,14 +29,16 @@ def extract_latents(images: str, vae: str, out: str, image_size: int, batch: int
     Returns the meta.json contents."""
     if batch < 1 or shard_size < 1:
         raise FlexDiTError(f"--batch and --shard-size must be at least 1, got {batch} and {shard_size}")
+    folder = Path(out)
+    _check_output(folder, images)
     data = open_dataset(images, image_size)
     if not isinstance(data, ImageFolderData):
         raise FlexDiTError(f"--images {images} is not an image folder; give a folder with one subfolder of "
                            "images per class")
     autoencoder = load_vae(vae, resolve_device(device))
     latent_shape = vae_latent_shape(autoencoder, image_size)
-    folder = Path(out)
-    _prepare_output(folder)
+    (folder / META_FILE).unlink(missing_ok=True)  # incomplete until the last shard is written
+    remove_stale_temporaries(folder)
 
     n = len(data)
     shard_ranges = [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
@@ -66,21 +68,16 @@ def extract_latents(images: str, vae: str, out: str, image_size: int, batch: int
     return meta
 
 
-def _prepare_output(folder: Path) -> None:
-    """Create `folder`, or reuse one that only ever held our latents; then mark it incomplete (no meta.json)."""
-    if folder.exists() and not folder.is_dir():
-        raise FlexDiTError(f"--out {folder} is a file; give a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FlexDiTError(f"cannot create --out {folder}: {e.strerror}; choose another folder") from None
+def _check_output(folder: Path, images: str) -> None:
+    """A new folder, or one that only ever held our latents (reused), checked before any work; nothing changes yet."""
+    check_output_folder(folder, source=("--images", images))
+    if not folder.exists():
+        return
     ours = all(SHARD_RE.fullmatch(p.name) or p.name.startswith(TEMP_PREFIX) or p.name == META_FILE
                for p in folder.iterdir())
     if not ours or ((folder / META_FILE).exists() and not _is_latents_meta(folder)):
         raise FlexDiTError(f"--out {folder} is not empty and not a flexdit-latents folder; give a new or empty "
                            "folder (a previous extraction there may be overwritten)")
-    (folder / META_FILE).unlink(missing_ok=True)
-    remove_stale_temporaries(folder)
 
 
 def _is_latents_meta(folder: Path) -> bool:

@@ -18,7 +18,7 @@ import math
 import time
 from contextlib import nullcontext
 from copy import deepcopy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -27,20 +27,27 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from flexdit.checkpoints import load_checkpoint, retarget
 from flexdit.diffusion.gaussian import GaussianDiffusion
-from flexdit.distributed import DTYPES, Dist, init_from_env, shutdown
+from flexdit.distributed import DTYPES, Dist, init_from_env, resolve_dtype, shutdown
 from flexdit.errors import FlexDiTError
-from flexdit.io import atomic_write, remove_stale_temporaries
+from flexdit.io import atomic_write, check_output_folder, remove_stale_temporaries
 from flexdit.models.dit import DiT, DiTConfig, model_config
 from flexdit.schedule import NUM_TIMESTEPS, DensitySchedule, TimestepIntervals, parse_density
+from flexdit.sampling import MAX_SEED
 from flexdit.training.data import TrainData, open_dataset
 
 CHECKPOINT_VERSION = 1
 LOGGED = ("loss", "mse", "vb", "distill")  # per-step terms averaged over each log window
 LR_SCHEDULES = ("constant", "cosine")
+# settings a resumed run may change: they do not change what it trains (steps: a run may be extended, unless
+# its cosine learning-rate schedule was drawn over them); every other setting must be the recorded one
+RESUMABLE = ("steps", "out", "device", "dtype", "ckpt_every", "log_every", "keep", "resume", "grad_checkpointing",
+             "compile", "fsdp")
+PATH_SETTINGS = ("data", "init", "teacher", "vae")  # recorded absolute, so a resume from another folder matches
 
 
 @dataclass
@@ -61,12 +68,15 @@ class TrainArgs:
     lr_schedule: str = "constant"  # after the warm-up: "constant" (the paper, DiT) or "cosine" (to 0 at --steps)
     weight_decay: float = 0.0
     ema: float = 0.9999
+    # the EMA's decay at step s is min(ema, (1 + s) / (10 + s)), so it averages over a tenth of the run so far
+    # instead of holding the random initialisation for ~1 / (1 - ema) steps (DiT has no warm-up)
+    ema_warmup: bool = False
     label_dropout: float = 0.1
     ckpt_every: int = 500
     log_every: int = 10
     keep: int = 2  # checkpoints kept on disk
     resume: bool = False
-    dtype: str = "fp32"
+    dtype: str = "auto"  # bf16 where the device runs it natively, else fp32 (flexdit.distributed.resolve_dtype)
     grad_checkpointing: bool = False
     compile: bool = False
     fsdp: bool = False
@@ -80,6 +90,86 @@ class TrainArgs:
     vae: str | None = None  # image folders: encode on the fly with this VAE
     teacher: str | None = None  # a checkpoint whose predictions the model also learns to match (distillation)
     distill: float = 1.0  # weight of the distillation term (with --teacher)
+
+
+# --- checks before any work ---------------------------------------------------------------------------
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# (setting, the values it takes, their test); a float must also be finite, and None means "not given"
+RANGES = (
+    ("lr", "a positive learning rate of at most 1 (AdamW moves each weight by about --lr a step)",
+     lambda v: 0 < v <= 1),
+    ("ema", "an EMA decay in [0, 1), e.g. 0.9999", lambda v: 0 <= v < 1),
+    ("label_dropout", "a probability in [0, 1)", lambda v: 0 <= v < 1),
+    ("weight_decay", "a number of at least 0", lambda v: v >= 0),
+    ("distill", "a positive weight", lambda v: v > 0),
+    ("lr_warmup", "a number of at least 0", lambda v: v >= 0),
+    ("seed", f"an integer in 0..{MAX_SEED}", lambda v: 0 <= v <= MAX_SEED),
+    *((name, "a number of at least 1", lambda v: v >= 1) for name in
+      ("steps", "batch", "intervals", "ckpt_every", "log_every", "keep", "depth", "num_heads", "hidden_size",
+       "image_size")),
+)
+
+
+def check_args(args: TrainArgs) -> None:
+    """Refuse values outside their range (NaN and inf included) before anything is read or written."""
+    for name, allowed, test in RANGES:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FlexDiTError(f"{_flag(name)} {value} is not a finite number; give {allowed}")
+        if not test(value):
+            raise FlexDiTError(f"{_flag(name)} {value} is out of range; give {allowed}")
+    if args.lr * args.weight_decay > 1:  # AdamW multiplies the weights by 1 - lr * weight_decay each step
+        raise FlexDiTError(f"--weight-decay {args.weight_decay} with --lr {args.lr} would shrink the weights by more "
+                           f"than themselves each step; give a --weight-decay of at most {1 / args.lr:g}")
+    if args.lr_schedule not in LR_SCHEDULES:
+        raise FlexDiTError(f"unknown --lr-schedule {args.lr_schedule}; choose {' or '.join(LR_SCHEDULES)}")
+
+
+def _normal_path(value: str | None) -> str | None:
+    return str(Path(value).resolve()) if value and Path(value).exists() else value
+
+
+def recorded_settings(args: TrainArgs) -> dict:
+    """The settings a run records (train_args.json, and in each checkpoint), paths made absolute."""
+    return asdict(args) | {k: _normal_path(getattr(args, k)) for k in PATH_SETTINGS}
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "unset" if value is None else str(value)
+
+
+def resume_differences(recorded: dict, args: TrainArgs) -> list[str]:
+    """Each setting of `args` that a resume of the run `recorded` may not change, with both values."""
+    given, defaults = recorded_settings(args), {f.name: f.default for f in fields(TrainArgs)}
+    differ = []
+    for name, value in given.items():
+        was = recorded.get(name, defaults[name])  # a setting a run did not record did not exist: its default
+        was = _normal_path(was) if name in PATH_SETTINGS else was
+        if name not in RESUMABLE and was != value:
+            differ.append(f"{_flag(name)} {_shown(value)} (recorded {_shown(was)})")
+    steps = recorded.get("steps")
+    if recorded.get("lr_schedule") == "cosine" and steps != args.steps:
+        differ.append(f"--steps {args.steps} (recorded {steps}): the cosine learning-rate schedule was drawn over "
+                      f"--steps {steps}")
+    return differ
+
+
+def data_summary(data: TrainData) -> str:
+    """What a checkpoint records of its data, so a resume on other data (same path, new contents) is refused."""
+    return f"{len(data)} samples of {'x'.join(map(str, data.sample_shape))} in {data.num_classes} classes"
+
+
+def _finite(tensors) -> bool:
+    """Whether every value of `tensors` (this rank's shards of DTensors) is finite."""
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return bool(torch.stack([torch.isfinite(t).all() for t in local]).all()) if local else True
 
 
 # --- model ----------------------------------------------------------------------------------------------
@@ -148,8 +238,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def load_training_checkpoint(path: Path) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # memory-mapped: each rank reads the parts it copies to its device, not a whole copy in memory
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated or foreign files raise many types
         raise FlexDiTError(f"cannot read the training checkpoint {path} ({type(e).__name__}); delete it to resume "
                            "from the one before") from None
@@ -174,12 +264,15 @@ def _truncate_log(log_path: Path, step: int) -> None:
 
 
 # --- the loop ---------------------------------------------------------------------------------------------
+SEED_BITS = 2**64 - 1  # torch seeds are 64-bit: the mixes of a large --seed wrap (small ones are unchanged)
+
+
 def _step_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + rank) * 10_000_019 + step)
+    return torch.Generator().manual_seed(((seed * 1_000_003 + rank) * 10_000_019 + step) & SEED_BITS)
 
 
 def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7_919 + epoch))
+    return torch.randperm(n, generator=torch.Generator().manual_seed((seed * 7_919 + epoch) & SEED_BITS))
 
 
 @torch.no_grad()
@@ -191,47 +284,33 @@ def update_ema(ema: DiT, model: DiT, decay: float) -> None:
 class Trainer:
     def __init__(self, args: TrainArgs, ctx: Dist, device: torch.device):
         self.args, self.ctx, self.device = args, ctx, device
+        check_args(args)
         if args.batch % ctx.world_size:
             raise FlexDiTError(f"--batch {args.batch} is not divisible by the {ctx.world_size} processes")
-        if args.dtype not in DTYPES:
-            raise FlexDiTError(f"unknown --dtype {args.dtype}; choose {', '.join(DTYPES)}")
-        if args.dtype == "fp16" and device.type != "cuda":
+        self.dtype = resolve_dtype(args.dtype, device)
+        if self.dtype == "fp16" and device.type != "cuda":
             raise FlexDiTError("fp16 training needs a CUDA GPU (loss scaling); use --dtype bf16 on CPU")
-        for name in ("steps", "ckpt_every", "log_every", "batch", "keep"):
-            if getattr(args, name) < 1:
-                raise FlexDiTError(f"--{name.replace('_', '-')} must be at least 1")
-        if args.lr_warmup < 0:
-            raise FlexDiTError(f"--lr-warmup {args.lr_warmup}: the warm-up must be 0 or more steps")
-        if args.lr_schedule not in LR_SCHEDULES:
-            raise FlexDiTError(f"unknown --lr-schedule {args.lr_schedule}; choose {' or '.join(LR_SCHEDULES)}")
-        if args.distill <= 0:
-            raise FlexDiTError(f"--distill {args.distill}: the distillation weight must be positive")
         self.local_batch = args.batch // ctx.world_size
-        self.data = open_dataset(args.data, image_size=args.image_size, vae=args.vae, device=device)
-        if len(self.data) < args.batch:
-            raise FlexDiTError(f"the data holds {len(self.data)} samples, fewer than one batch of {args.batch}")
-        if args.flip and not self.data.can_flip:
-            raise FlexDiTError("--flip asked for, but this data cannot be flipped (latents extracted without "
-                               "--flip); re-extract with --flip or drop --flip")
         self.out = Path(args.out)
         self.log_path = self.out / "log.jsonl"
+        if ctx.is_main:
+            check_output_folder(args.out, source=("--data", args.data))  # before any work
+        self.resumed_from = self._checkpoint_to_resume()
+        state = load_training_checkpoint(self.resumed_from) if self.resumed_from else None
+        if state is not None:
+            self._check_resume_matches(state)
+        self.recorded = json.loads(state["train_args"]) if state is not None else recorded_settings(args)
+
+        self.data = self._open_data(state)
         self.step, self.epoch, self.position = 0, 0, 0
         self.window = self._empty_window()
         self._order: tuple[int, torch.Tensor | None] = (-1, None)  # (epoch, permutation), a pure function of both
 
-        resume_from = latest_checkpoint(args.out) if args.resume else None
-        if args.resume and resume_from is None and ctx.is_main:
-            tqdm.write(f"--resume: no checkpoint in {checkpoint_dir(args.out)}; starting from step 0")
-        if resume_from is None and not args.resume and latest_checkpoint(args.out) is not None:
-            raise FlexDiTError(f"{args.out} already holds checkpoints; pass --resume to continue or choose "
-                               "another --out")
-        if resume_from is not None:
-            state = load_training_checkpoint(resume_from)
+        torch.manual_seed(args.seed)  # only initialisation of models trained from scratch reads the global RNG
+        if state is not None:
             model = DiT(DiTConfig.from_dict(json.loads(state["model_config"])))
-            self._check_resume_matches(state)
         else:
             model = build_model(args, self.data)
-            state = None
         self.intervals = timestep_plan(model, args.intervals)
         if args.mix_intervals and self.intervals is None:
             raise FlexDiTError("--mix-intervals needs a FlexDiT with a temporal density schedule (--density), "
@@ -259,31 +338,46 @@ class Trainer:
             self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
             if ctx.is_main:  # the saved window holds every rank's sums; the others restart from zero
                 self.window = self._empty_window() | state["log_window"]  # older checkpoints lack "distill"
-                _truncate_log(self.log_path, self.step)
+        if ctx.is_main:  # lines logged after the checkpoint (any, without one) belong to a run that died
+            _truncate_log(self.log_path, self.step)
+        self.start_step = self.step
         self.model.grad_checkpointing = args.grad_checkpointing
         if args.compile:
             self.model.compile_grids()
-        self.scaler = torch.amp.GradScaler("cuda") if args.dtype == "fp16" else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == "fp16" else None
         if state is not None and self.scaler is not None and "grad_scaler" in state:
             self.scaler.load_state_dict(state["grad_scaler"])
         self.train_model = self._distribute(self.model)
 
-    def _check_resume_matches(self, state: dict) -> None:
-        """--resume must continue the same model and layout as the checkpoint, and a cosine schedule its --steps."""
-        saved_args = json.loads(state["train_args"])
-        keys = ("init", "model", "hidden_size", "depth", "num_heads", "layout", "density", "grid", "intervals",
-                "mix_intervals")
-        changed = [k for k in keys if saved_args.get(k) != getattr(self.args, k)]
-        if changed:
-            k = changed[0]
-            raise FlexDiTError(f"--resume with --{k.replace('_', '-')} {getattr(self.args, k)!r} but the checkpoint "
-                               f"was trained with {saved_args.get(k)!r}; use the same model, layout and data, or "
+    def _checkpoint_to_resume(self) -> Path | None:
+        args, latest = self.args, latest_checkpoint(self.args.out)
+        if args.resume and latest is None and self.ctx.is_main:
+            tqdm.write(f"--resume: no checkpoint in {checkpoint_dir(args.out)}; starting from step 0")
+        if latest is not None and not args.resume:
+            raise FlexDiTError(f"{args.out} already holds checkpoints; pass --resume to continue or choose "
                                "another --out")
-        cosine = saved_args.get("lr_schedule") == self.args.lr_schedule == "cosine"
-        if cosine and saved_args.get("steps") != self.args.steps:
-            raise FlexDiTError(f"--resume with --steps {self.args.steps} but the checkpoint's cosine learning-rate "
-                               f"schedule was drawn over --steps {saved_args.get('steps')}; resume with that --steps, "
-                               "or start another --out")
+        return latest
+
+    def _open_data(self, state: dict | None) -> TrainData:
+        args = self.args
+        data = open_dataset(args.data, image_size=args.image_size, vae=args.vae, device=self.device)
+        if len(data) < args.batch:
+            raise FlexDiTError(f"the data holds {len(data)} samples, fewer than one batch of {args.batch}")
+        if args.flip and not data.can_flip:
+            raise FlexDiTError("--flip asked for, but this data cannot be flipped (latents extracted without "
+                               "--flip); re-extract with --flip or drop --flip")
+        recorded = state.get("data", data_summary(data)) if state is not None else data_summary(data)
+        if recorded != data_summary(data):  # older checkpoints did not record it
+            raise FlexDiTError(f"--data {args.data} holds {data_summary(data)} but the run in {args.out} was trained "
+                               f"on {recorded}; resume with that data or choose another --out")
+        return data
+
+    def _check_resume_matches(self, state: dict) -> None:
+        """--resume continues the recorded run: every setting but the RESUMABLE ones as recorded."""
+        differ = resume_differences(json.loads(state["train_args"]), self.args)
+        if differ:
+            raise FlexDiTError(f"--resume with settings other than those recorded in {self.resumed_from}: "
+                               f"{'; '.join(differ)}; resume with the recorded ones, or choose another --out")
 
     def _distribute(self, model: DiT):
         if self.ctx.world_size == 1 or self.fsdp:
@@ -327,7 +421,7 @@ class Trainer:
         return nullcontext()
 
     def _losses(self, x, xt, t, y, noise, grid) -> dict:
-        with torch.autocast(self.device.type, dtype=DTYPES[self.args.dtype], enabled=self.args.dtype != "fp32"):
+        with torch.autocast(self.device.type, dtype=DTYPES[self.dtype], enabled=self.dtype != "fp32"):
             out = self.train_model(xt, t, y, grid=grid)
             if self.teacher is not None:
                 with torch.no_grad():
@@ -366,21 +460,62 @@ class Trainer:
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             for k in LOGGED:
                 logged[k] += terms[k].item() * weight
-        finite = torch.tensor(float(math.isfinite(logged["loss"])), device=self.device)
-        if self.ctx.world_size > 1:  # every rank stops together instead of stepping with its peers' bad gradients
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not finite.item():
-            raise FlexDiTError(f"the loss is not finite at step {self.step} (on some rank); lower --lr or use "
-                               "--dtype fp32")
+        # every rank stops together, instead of stepping with its peers' bad gradients
+        [finite] = self._all_ranks_min([math.isfinite(logged["loss"])])
+        if not finite:
+            raise self._non_finite_loss(x, indices)
         if self.scaler is not None:
             self.scaler.step(self.opt)
             self.scaler.update()
         else:
             self.opt.step()
-        update_ema(self.ema, self.model, self.args.ema)
+        update_ema(self.ema, self.model, self.ema_decay())
         self.step += 1
         grids = ",".join("x".join(map(str, grid)) if grid else "dense" for _, grid, _ in parts)
         return logged | {"grid": grids, "interval": parts[0][2] if len(parts) == 1 else None}
+
+    def _all_ranks_min(self, values: list[float]) -> list[float]:
+        """The minimum of each value over the ranks (a collective: every rank calls it)."""
+        values = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        if self.ctx.world_size > 1:
+            dist.all_reduce(values, op=dist.ReduceOp.MIN)
+        return values.tolist()
+
+    def _divergence_fix(self) -> str:
+        fix = "lower --lr or add --lr-warmup (in another --out)"
+        if self.dtype != "fp32":
+            fix += f", or resume with --dtype fp32 (this run computes in {self.dtype})"
+        return fix
+
+    def _non_finite_loss(self, x: torch.Tensor, indices: torch.Tensor) -> FlexDiTError:
+        """The likely cause of a non-finite loss on some rank: the weights, the data, else the learning rate or
+        dtype (a collective: every rank calls it and gets the same answer)."""
+        bad = ~torch.isfinite(x).flatten(1).all(1).cpu()
+        first_bad = int(indices[bad].min()) if bad.any() else len(self.data)
+        teacher_weights = self.teacher.parameters() if self.teacher is not None else []
+        weights, teacher, first_bad = self._all_ranks_min([_finite(self.model.parameters()), _finite(teacher_weights),
+                                                           first_bad])
+        at = f"the loss is not finite at step {self.step}"
+        if not weights and self.step == self.start_step:
+            source = self.resumed_from or self.args.init or "the random initialisation"
+            return FlexDiTError(f"{at}: the weights loaded from {source} are not finite (NaN/inf); start from "
+                                "another checkpoint")
+        if not weights:
+            return FlexDiTError(f"{at}: the weights are not finite (training diverged); {self._divergence_fix()}")
+        if not teacher:
+            return FlexDiTError(f"{at}: the weights of --teacher {self.args.teacher} are not finite (NaN/inf); use "
+                                "another teacher")
+        if first_bad < len(self.data):
+            return FlexDiTError(f"{at}: the data holds NaN/inf (sample {int(first_bad)} of {self.args.data}); "
+                                "repair the data or extract the latents again")
+        overflow = f" or {self.dtype} overflows" if self.dtype != "fp32" else ""
+        return FlexDiTError(f"{at} though the weights and the data are finite: the learning rate is too high"
+                            f"{overflow}; {self._divergence_fix()}")
+
+    def ema_decay(self, step: int | None = None) -> float:
+        """The EMA decay after optimiser step `step` (default: the one just taken)."""
+        step = self.step if step is None else step
+        return min(self.args.ema, (1 + step) / (10 + step)) if self.args.ema_warmup else self.args.ema
 
     def lr(self, step: int | None = None) -> float:
         """The learning rate of optimiser step `step` (default: the next one): a pure function of the step and
@@ -427,7 +562,7 @@ class Trainer:
             "opt": get_optimizer_state_dict(self.model, self.opt, options=full),
             "log_window": dict(zip((*LOGGED, "count"), self._global_window())),
             "model_config": json.dumps(self.model.config.to_dict()),
-            "train_args": json.dumps(asdict(self.args)),
+            "train_args": json.dumps(recorded_settings(self.args)), "data": data_summary(self.data),
         }
         if self.scaler is not None:
             state["grad_scaler"] = self.scaler.state_dict()
@@ -446,6 +581,10 @@ class Trainer:
 
     def save(self) -> Path:
         path = checkpoint_dir(self.args.out) / f"step-{self.step:07d}.pt"
+        [finite] = self._all_ranks_min([_finite(self.model.parameters())])
+        if not finite:  # refused, so that the rotation never drops a good checkpoint for a broken one
+            raise FlexDiTError(f"the weights are not finite after step {self.step} (training diverged); not saved "
+                               f"over the checkpoints in {checkpoint_dir(self.args.out)}; {self._divergence_fix()}")
         state = self._state()
         if self.ctx.is_main:
             save_checkpoint(path, state)
@@ -459,23 +598,26 @@ class Trainer:
         if self.ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(checkpoint_dir(args.out))  # left by a run killed mid-write
-            (self.out / "train_args.json").write_text(json.dumps(asdict(args), indent=2))
-        bar = tqdm(total=args.steps, initial=self.step, disable=not self.ctx.is_main, desc="train")
+            record = self.out / "train_args.json"
+            if self.resumed_from is None or not record.exists():  # recorded at the first start, then kept
+                atomic_write(record, lambda tmp: tmp.write_text(json.dumps(self.recorded, indent=2)))
+            tqdm.write(f"training in {self.dtype} on {self.device}" + (" (--dtype auto)" if args.dtype == "auto" else ""))
         tick, tick_step = time.perf_counter(), self.step
-        while self.step < args.steps:
-            last = self.train_step()
-            for k in LOGGED:
-                self.window[k] += last[k]
-            self.window["count"] += 1
-            bar.update(1)
-            if self.step % args.log_every == 0:
-                now = time.perf_counter()
-                record = self._log(last, (self.step - tick_step) / max(now - tick, 1e-9))
-                tick, tick_step = now, self.step
-                bar.set_postfix(loss=f"{record['loss']:.4f}", steps_per_s=f"{record['steps_per_s']:.2f}")
-            if self.step % args.ckpt_every == 0 or self.step == args.steps:
-                self.save()
-        bar.close()
+        # closed on an error too, so that the message starts on a line of its own
+        with tqdm(total=args.steps, initial=self.step, disable=not self.ctx.is_main, desc="train") as bar:
+            while self.step < args.steps:
+                last = self.train_step()
+                for k in LOGGED:
+                    self.window[k] += last[k]
+                self.window["count"] += 1
+                bar.update(1)
+                if self.step % args.log_every == 0:
+                    now = time.perf_counter()
+                    record = self._log(last, (self.step - tick_step) / max(now - tick, 1e-9))
+                    tick, tick_step = now, self.step
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", steps_per_s=f"{record['steps_per_s']:.2f}")
+                if self.step % args.ckpt_every == 0 or self.step == args.steps:
+                    self.save()
         ema = self.full_ema()
         if self.ctx.is_main:
             ema.save(self.out / "ema.safetensors")
@@ -487,7 +629,6 @@ class Trainer:
 def train(args: TrainArgs) -> DiT | None:
     """Run training in this process (and its torchrun peers); returns the EMA model (None on FSDP ranks > 0)."""
     ctx, device = init_from_env(args.device)
-    torch.manual_seed(args.seed)  # only initialisation of models trained from scratch reads the global RNG
     try:
         return Trainer(args, ctx, device).run()
     finally:

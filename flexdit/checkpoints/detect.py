@@ -1,0 +1,28 @@
+"""The one place that tells a checkpoint's format: a folder is a diffusers model, a file is read by its content
+(flexdit.checkpoints.files), and the format is the first whose keys or metadata match, in the order below."""
+from pathlib import Path
+from types import ModuleType
+
+from flexdit.checkpoints import diffusers, dit, ours, sparsedit
+from flexdit.checkpoints.files import Source, check_finite, read_file
+from flexdit.errors import FlexDiTError
+
+FORMATS = (ours, diffusers, sparsedit, dit)  # ours first: its files also hold DiT-style keys
+
+
+def read(path: str, weights: str | None = None) -> Source:
+    """The checkpoint at `path` (file or folder) with finite weights; `weights` picks EMA or model weights."""
+    p = Path(path)
+    source = diffusers.read_folder(p, weights) if p.is_dir() else read_file(p, weights)
+    check_finite(source)
+    return source
+
+
+def detect(source: Source) -> ModuleType:
+    """The format module (ours, dit, sparsedit or diffusers) whose layout `source` has."""
+    fmt = next((fmt for fmt in FORMATS if fmt.matches(source)), None)
+    if fmt is None:
+        sample = ", ".join(sorted(source.state)[:4])
+        raise FlexDiTError(f"unknown checkpoint key layout (keys start: {sample}); supported: original DiT, "
+                           "SparseDiT/FlexDiT authors' code, diffusers DiTTransformer2DModel, flexdit")
+    return fmt

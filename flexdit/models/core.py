@@ -1,0 +1,115 @@
+"""The FlexDiT walk that every backbone shares (DiT today; PixArt-alpha and Latte plug in the same way).
+
+A backbone subclass supplies its embedders, its blocks (one per layout entry, each with a `kind` and its own
+conditioning) and its head, and implements `forward_grid(*batch, sparse_grid)`: embed, `self.walk(...)`, head.
+The core supplies what is the same for all of them:
+- `walk`: runs the layout over the blocks. The first `gen` block of an SDTM pools the dense tokens to the sparse
+  grid and keeps the dense ones as its keys/values; `recover` merges back to the dense grid; every other block maps
+  tokens to tokens of the same grid.
+- `dispatch`: the grid for each sample's timestep (or a fixed grid), the batch cut into groups of one grid each,
+  each group run through `forward_grid` (the compiled one after `compile_grids`) and the outputs put back in order.
+- `compile_grids`: shapes are static per grid, so `torch.compile` compiles each grid once.
+"""
+from dataclasses import replace
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+
+from flexdit.errors import FlexDiTError
+from flexdit.models.layout import Layout
+from flexdit.nn.blocks import GEN, RECOVER
+from flexdit.nn.density import Grid, pool_tokens
+from flexdit.schedule import Density, FixedGrid
+
+# call(block, tokens, context, grids) -> tokens: how a backbone runs one of its blocks with its own conditioning
+BlockCall = Callable[[nn.Module, torch.Tensor, torch.Tensor | None, tuple[Grid, Grid] | None], torch.Tensor]
+
+
+class FlexDiTCore(nn.Module):
+    """Token-density control over a backbone's blocks; see the module docstring."""
+
+    def _init_core(self, layout: Layout, density: Density | None, token_grid: tuple[int, int]) -> None:
+        self.layout = layout
+        self.density = density
+        self.token_grid = token_grid
+        self._compiled_forward_grid = None
+        self.grad_checkpointing = False  # recompute each block in backward instead of storing activations
+
+    # --- description ------------------------------------------------------------------------------
+    @property
+    def is_flexdit(self) -> bool:
+        return not self.layout.is_dense
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def with_density(self, density: Density | None) -> "FlexDiTCore":
+        """Set the density used when forward() is not given a grid (and the config's record of it); returns self."""
+        self.density = density
+        self.config = replace(self.config, density=density.to_dict() if density else None)
+        return self
+
+    def grids_for(self, t: torch.Tensor) -> list[Grid]:
+        """The sparse grid each sample of the batch runs at, read from the density at its timestep."""
+        if self.density is None:
+            raise FlexDiTError("this FlexDiT has no density schedule; set one (--density R_MIN,R_MAX or "
+                               "--grid G, or model.with_density(...)) or pass grid= to forward")
+        return self.density.grids(t.detach().cpu(), self.token_grid)
+
+    def compile_grids(self, **compile_kwargs) -> "FlexDiTCore":
+        """torch.compile the per-grid forward: shapes are static per grid, so each grid compiles once."""
+        import torch._dynamo
+
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+        self._compiled_forward_grid = torch.compile(self.forward_grid, dynamic=False, **compile_kwargs)
+        return self
+
+    # --- the walk ---------------------------------------------------------------------------------
+    def walk(self, tokens: torch.Tensor, sparse_grid: Grid | None, call: BlockCall) -> torch.Tensor:
+        """(B, N, D) dense tokens through every block of the layout -> (B, N', D), N' = N unless the layout
+        ends inside an SDTM (it cannot: Layout validates that every SDTM recovers)."""
+        dense_input = None  # the SDTM's dense input while tokens are sparse
+        checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
+
+        def run(block: nn.Module, x: torch.Tensor, context: torch.Tensor | None = None, grids=None) -> torch.Tensor:
+            if checkpointed:
+                return torch.utils.checkpoint.checkpoint(call, block, x, context, grids, use_reentrant=False)
+            return call(block, x, context, grids)
+
+        for block in self.blocks:
+            if block.kind == GEN:
+                if dense_input is None:
+                    dense_input = tokens
+                    tokens = pool_tokens(tokens, self.token_grid, sparse_grid)  # (B, M, D)
+                tokens = run(block, tokens, dense_input)
+            elif block.kind == RECOVER:
+                tokens = run(block, dense_input, tokens, (sparse_grid, self.token_grid))  # (B, N, D)
+                dense_input = None
+            else:
+                tokens = run(block, tokens)
+        return tokens
+
+    def dispatch(self, batch: tuple[torch.Tensor | None, ...], t: torch.Tensor, grid: Grid | None) -> torch.Tensor:
+        """forward_grid(*batch, sparse_grid) for the whole batch: at `grid` if given, else at each sample's
+        scheduled grid, samples that need different grids running as separate groups. Every tensor of `batch`
+        has the batch first (None entries stay None)."""
+        run = self._compiled_forward_grid or self.forward_grid
+        if not self.layout.has_sparse_tokens:
+            return run(*batch, None)
+        if grid is not None:
+            return run(*batch, FixedGrid(*grid).grid(0, self.token_grid))
+        grids = self.grids_for(t)
+        distinct = sorted(set(grids))
+        if len(distinct) == 1:
+            return run(*batch, distinct[0])
+        out = None
+        for g in distinct:
+            idx = torch.tensor([i for i, gi in enumerate(grids) if gi == g], device=t.device)
+            group_out = run(*(None if b is None else b[idx] for b in batch), g)
+            if out is None:
+                out = group_out.new_empty(t.shape[0], *group_out.shape[1:])
+            out[idx] = group_out
+        return out
