@@ -17,7 +17,7 @@ from flexdit.models.core import FlexDiTCore
 from flexdit.models.layout import Layout
 from flexdit.nn.blocks import Block, FinalLayer
 from flexdit.nn.density import Grid
-from flexdit.nn.embed import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
+from flexdit.nn.embed import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
 from flexdit.schedule import Density, DensitySchedule, density_from_dict
 
 # Standard sizes: depth, hidden size, heads (DiT paper, Table 1).
@@ -157,13 +157,7 @@ class DiT(FlexDiTCore):
         tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
         tokens = self.walk(tokens, sparse_grid, lambda block, h, context, grids: block(h, c, context, grids))
-        return self.unpatchify(self.final_layer(tokens, c))
-
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, p * p * C) -> (B, C, H, W)."""
-        (h, w), p, c = self.token_grid, self.patch_size, self.out_channels
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+        return unpatchify(self.final_layer(tokens, c), self.token_grid, self.patch_size, self.out_channels)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
                          guided_channels: int | None = 3, grid: Grid | None = None) -> torch.Tensor:

@@ -19,6 +19,17 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B, N, H * D)
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int,
+           key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-head attention of (B, N, C) queries on (B, M, C) keys/values -> (B, N, C).
+
+    key_mask (B, M) bool, True = attend: padded keys get exactly zero weight (every row needs one True).
+    """
+    attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, M) over heads, queries
+    q, k, v = (_split_heads(a, num_heads) for a in (q, k, v))
+    return _merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask))
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -35,7 +46,7 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Queries from x (B, N, C), keys and values from context (B, M, C)."""
+    """Queries from x (B, N, C), keys and values from context (B, M, C) (key_mask (B, M): see `attend`)."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -46,10 +57,9 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         k, v = self.kv(context).chunk(2, dim=-1)
-        q, k, v = (_split_heads(a, self.num_heads) for a in (self.q(x), k, v))
-        return self.proj(_merge_heads(F.scaled_dot_product_attention(q, k, v)))
+        return self.proj(attend(self.q(x), k, v, self.num_heads, key_mask))
 
 
 class MeanPoolMixer(nn.Module):

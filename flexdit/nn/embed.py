@@ -1,4 +1,4 @@
-"""Embeddings of DiT: patches, timesteps, class labels, fixed 2-D sin-cos positions.
+"""Embeddings of DiT and PixArt-alpha: patches, timesteps, class labels, fixed 2-D sin-cos positions.
 
 Parameter names follow facebookresearch/DiT (x_embedder.proj, t_embedder.mlp, y_embedder.embedding_table)
 so that official checkpoints load as they are.
@@ -19,6 +19,14 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, D, H/p, W/p) -> (B, N, D)
+
+
+def unpatchify(x: torch.Tensor, grid: tuple[int, int], patch_size: int, channels: int) -> torch.Tensor:
+    """The inverse layout of PatchEmbed for a head's output: (B, N, p * p * C) on an (h, w) grid -> (B, C, h p, w p);
+    each token's features are ordered (patch row, patch column, channel)."""
+    (h, w), p = grid, patch_size
+    x = x.reshape(x.shape[0], h, w, p, p, channels)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], channels, h * p, w * p)
 
 
 def timestep_frequencies(t: torch.Tensor, dim: int, freq_shift: int = 0, max_period: float = 10000.0) -> torch.Tensor:
@@ -71,17 +79,24 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
-def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, base_size: int | None = None,
+                        interpolation_scale: float = 1.0) -> torch.Tensor:
     """Fixed (grid_h * grid_w, dim) positions, row-major: first half encodes the column, second the row.
 
     Computed in float64 and rounded once, as MAE/DiT do, so square grids match official checkpoints bit for bit.
+    With `base_size` (PixArt-alpha), each axis of n tokens is stretched to span [0, base_size / interpolation_scale):
+    position i is i / (n / base_size) / interpolation_scale, formed in float32 as PixArt and diffusers form it.
     """
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs a hidden size divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (dim/4,)
-    rows, cols = torch.meshgrid(
-        torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
-    )
+
+    def axis(n: int) -> torch.Tensor:
+        if base_size is None:
+            return torch.arange(n, dtype=torch.float64)
+        return (torch.arange(n, dtype=torch.float32) / (n / base_size) / interpolation_scale).double()
+
+    rows, cols = torch.meshgrid(axis(grid_h), axis(grid_w), indexing="ij")
 
     def embed_1d(pos: torch.Tensor) -> torch.Tensor:
         angles = pos.reshape(-1, 1) * omega[None]  # (N, dim/4)
