@@ -33,6 +33,8 @@ AT_LEAST_ONE = {"num_heads", "depth", "hidden_size", "image_size", "input_size",
 AT_LEAST_ZERO = {"warmup", "lr_warmup"}
 ALLOCATION_FAILURES = ("can't allocate memory", "out of memory", "Storage size calculation overflowed")
 MAX_COUNT = 10**8  # far beyond any sensible count, far below an integer overflow or a label list filling memory
+PATHS = {"out", "data", "init", "ckpt", "teacher", "vae", "npz", "images", "dense", "flexdit", "inception", "src",
+         "dst", "samples", "reference"}  # an empty string for these is a slip, never a path
 FLAGS = {"num": "--num-samples"}  # argument names whose flag is not --name
 AUTO_DTYPE_HELP = ("auto (default): bf16 on a GPU that supports it and on a CPU that runs it natively (AVX512-BF16 or "
                    "AMX), fp32 elsewhere (an AVX2 CPU emulates bf16, about 5x slower)")
@@ -384,6 +386,8 @@ class Parser(argparse.ArgumentParser):
         parsed, extra = super().parse_known_args(args, namespace)
         for name, value in vars(parsed).items():
             flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+            if value == "" and name in PATHS:
+                self.error(f"{flag} is an empty path; give a file or folder name")
             if isinstance(value, float) and not math.isfinite(value):
                 self.error(f"{flag} {value}: give a finite number")
             if name in AT_LEAST_ONE and value is not None and value < 1:
@@ -562,20 +566,50 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+class _PipeSafeStdout:
+    """stdout that outlives its reader: once `| head` has closed the pipe, further output is dropped quietly and
+    the command goes on (a sample or training run must still write its files)."""
+
+    def __init__(self, stream):
+        self._stream, self._closed = stream, False
+
+    def write(self, text: str) -> int:
+        if not self._closed:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._closed:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._drop()
+
+    def _drop(self) -> None:
+        self._closed = True
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())  # the interpreter's last flush too
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if not isinstance(sys.stdout, _PipeSafeStdout):
+        sys.stdout = _PipeSafeStdout(sys.stdout)
     try:
         args.func(args)
-        sys.stdout.flush()  # a reader that closed the pipe (`| head`) is found here, inside the handler
+        sys.stdout.flush()
     except FlexDiTError as e:
         fail(str(e))
+    except OSError as e:  # the filesystem's word on a path (a name too long, a read-only disk, ...)
+        fail(f"cannot use {e.filename or 'a file'}: {e.strerror or e}")
     except (MemoryError, RuntimeError) as e:
         # a size far beyond this machine: torch reports a failed CPU allocation as a RuntimeError
         if not isinstance(e, MemoryError) and not any(s in str(e) for s in ALLOCATION_FAILURES):
             raise
         fail("out of memory: the sizes asked for need more memory than this machine has; ask for smaller sizes "
              "or batches")
-    except BrokenPipeError:
-        # the reader has all it wanted; point stdout at /dev/null so the interpreter's final flush stays quiet
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)

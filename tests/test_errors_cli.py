@@ -68,6 +68,9 @@ CASES = {
     "out is a directory": (["sample", "--ckpt", "{ckpt}", "--out", "{tmp}/folder.png"], ["directory"]),
     "out through a file": (["sample", "--ckpt", "{ckpt}", "--out", "{tmp}/file.txt/a.png"], ["is a file"]),
     "empty out": (["sample", "--ckpt", "{ckpt}", "--out", ""], ["--out", "empty"]),
+    "empty train out": (["train", "--model", "DiT-S/2", "--data", "{tmp}", "--out", ""], ["--out", "empty"]),
+    "name too long": (["info", "{tmp}/" + "x" * 300], ["File name too long"]),
+    "damaged config": (["info", "{tmp}/damaged.safetensors"], ["hidden_size", "positive integer"]),
     "out unwritable": (["sample", "--ckpt", "{ckpt}", "--out", "/proc/flexdit.png"], ["cannot write"]),
     "png under jpg": (["sample", "--ckpt", "{ckpt}", "--out", "{tmp}/a.jpg"], [".png"]),
     "npz and png the same name": (["sample", "--ckpt", "{ckpt}", "--npz", "{tmp}/x", "--out", "{tmp}/x"], [".png"]),
@@ -86,6 +89,9 @@ def test_cli_error(name, capsys, tmp_path, ckpt):
     (tmp_path / "folder.npz").mkdir()
     (tmp_path / "file.txt").write_text("x")
     (tmp_path / "ckpt.npz").write_bytes(ckpt.read_bytes())  # a checkpoint under an npz name
+    damaged = tiny_model(Layout.dense(2), input_size=(8, 8), in_channels=1)
+    damaged.config.hidden_size = -32  # a lying config in the file's metadata
+    damaged.save(str(tmp_path / "damaged.safetensors"))
     before = sorted(os.listdir(tmp_path))
     err = cli_fails(capsys, *[a.format(ckpt=ckpt, tmp=tmp_path) for a in argv])
     assert "Traceback" not in err
@@ -127,9 +133,23 @@ def test_sample_prints_the_dtype_it_chose(capsys, tmp_path, ckpt):
     assert f"sampling in {resolve_dtype('auto', torch.device('cpu'))} on cpu (--dtype auto)" in capsys.readouterr().out
 
 
-def test_output_piped_into_head_ends_quietly():
-    """`flexdit flops --json | head -1`: the closed pipe ends the command without a BrokenPipeError."""
+def test_output_piped_into_head_ends_quietly_and_the_work_is_done(tmp_path, ckpt):
+    """`flexdit ... | head -1`: the closed pipe raises no BrokenPipeError and does not stop the command's work."""
     proc = subprocess.run(f"{sys.executable} -m flexdit flops --json | head -1", shell=True, capture_output=True,
                           text=True, timeout=120)
-    assert proc.stdout == "{\n"
-    assert proc.stderr == ""
+    assert proc.stdout == "{\n" and proc.stderr == ""
+    png = tmp_path / "s.png"
+    proc = subprocess.run(f"{sys.executable} -m flexdit sample --ckpt {ckpt} --num-samples 2 --steps 2 --sampler ddim "
+                          f"--out {png} 2>/dev/null | head -c 1", shell=True, capture_output=True, timeout=120)
+    assert proc.returncode == 0 and png.stat().st_size > 0
+
+
+def test_train_refuses_an_init_inside_its_out(capsys, tmp_path, ckpt):
+    run, data = tmp_path / "run", tmp_path / "data"
+    run.mkdir()
+    data.mkdir()
+    init = run / "ema.safetensors"  # a finished run's weights, which a new run in that folder would overwrite
+    init.write_bytes(ckpt.read_bytes())
+    err = cli_fails(capsys, "train", "--init", init, "--data", data, "--out", run, "--dtype", "fp32")
+    assert "--init" in err and "inside --out" in err
+    assert init.read_bytes() == ckpt.read_bytes()

@@ -46,7 +46,14 @@ class DiTConfig:
     def __post_init__(self):
         if isinstance(self.input_size, int):
             self.input_size = (self.input_size, self.input_size)
-        self.input_size = tuple(int(s) for s in self.input_size)
+        sizes = [(name, getattr(self, name)) for name in
+                 ("hidden_size", "num_heads", "patch_size", "in_channels", "num_classes")]
+        sizes += [("input_size", side) for side in self.input_size]
+        bad = next(((name, v) for name, v in sizes if isinstance(v, bool) or not isinstance(v, int) or v < 1), None)
+        if bad is not None:  # a damaged or hand-edited config would otherwise fail deep inside torch
+            raise FlexDiTError(f"the model config's {bad[0]} is {bad[1]!r}; every size must be a positive integer "
+                               "(is the checkpoint's config damaged?)")
+        self.input_size = tuple(self.input_size)
         self.layout = Layout(tuple(self.layout)).kinds
         if any(s % self.patch_size for s in self.input_size):
             raise FlexDiTError(f"input size {self.input_size[0]}x{self.input_size[1]} is not divisible by "

@@ -295,6 +295,10 @@ class Trainer:
         self.log_path = self.out / "log.jsonl"
         if ctx.is_main:
             check_output_folder(args.out, source=("--data", args.data))  # before any work
+            for flag, path in (("--init", args.init), ("--teacher", args.teacher)):
+                if path and Path(path).resolve().is_relative_to(self.out.resolve()):
+                    raise FlexDiTError(f"{flag} {path} lies inside --out {args.out}, where training writes its own "
+                                       "files (ema.safetensors, checkpoints); give another --out")
         self.resumed_from = self._checkpoint_to_resume()
         state = load_training_checkpoint(self.resumed_from) if self.resumed_from else None
         if state is not None:
