@@ -365,7 +365,7 @@ ERROR_CASES = [
     ("heads", lambda: tiny_config(num_heads=5), ["not divisible by 5 heads"]),
     ("patch", lambda: tiny_config(input_size=(15, 16)), ["not divisible by patch"]),
     ("interpolation scale", lambda: tiny_config(interpolation_scale=0), ["interpolation_scale must be positive"]),
-    ("unknown config key", lambda: PixArtConfig.from_dict({"hidden": 3}), ["unknown PixArt config keys"]),
+    ("unknown config key", lambda: PixArtConfig.from_dict({"hidden": 3}), ["unknown PixArtConfig keys"]),
     ("factory size", lambda: pixart_config(768), ["768", "256, 512, 1024"]),
     ("factory density on dense", lambda: pixart_config(512, layout="dense", density=PAPER), ["dense layout"]),
     ("no null caption", lambda: tiny_pixart(learned_null_caption=False).null_caption(1), ["null caption", "T5"]),

@@ -10,7 +10,7 @@ The core supplies what is the same for all of them:
   each group run through `forward_grid` (the compiled one after `compile_grids`) and the outputs put back in order.
 - `compile_grids`: shapes are static per grid, so `torch.compile` compiles each grid once.
 """
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Callable
 
 import torch
@@ -25,6 +25,39 @@ from flexdit.schedule import Density, FixedGrid
 
 # call(block, tokens, context, grids) -> tokens: how a backbone runs one of its blocks with its own conditioning
 BlockCall = Callable[[nn.Module, torch.Tensor, torch.Tensor | None, tuple[Grid, Grid] | None], torch.Tensor]
+
+
+class BackboneConfig:
+    """What every backbone's config dataclass shares (fields input_size, patch_size, in_channels, learn_sigma,
+    layout, density): the derived sizes and the JSON form saved in our files."""
+
+    @property
+    def depth(self) -> int:
+        return len(self.layout)
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    @property
+    def token_grid(self) -> Grid:
+        return (self.input_size[0] // self.patch_size, self.input_size[1] // self.patch_size)
+
+    def dense(self):
+        """The all-dense model of the same size and resolution."""
+        return replace(self, layout=Layout.dense(self.depth).kinds, density=None)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_size"], d["layout"] = list(self.input_size), list(self.layout)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise FlexDiTError(f"unknown {cls.__name__} keys {unknown}; the file was written by a newer flexdit?")
+        return cls(**d)
 
 
 class FlexDiTCore(nn.Module):

@@ -5,7 +5,7 @@ the original DiT and its checkpoints load as they are.
 """
 import json
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -13,7 +13,7 @@ import torch.utils.checkpoint
 
 from flexdit.errors import FlexDiTError
 from flexdit.io import save_safetensors
-from flexdit.models.core import FlexDiTCore
+from flexdit.models.core import BackboneConfig, FlexDiTCore
 from flexdit.models.layout import Layout
 from flexdit.nn.blocks import Block, FinalLayer
 from flexdit.nn.density import Grid
@@ -29,7 +29,7 @@ SAVED_CONFIG_KEY = "flexdit_config"  # the safetensors metadata entry `save` wri
 
 
 @dataclass
-class DiTConfig:
+class DiTConfig(BackboneConfig):
     input_size: tuple[int, int] = (32, 32)  # latent (H, W)
     patch_size: int = 2
     in_channels: int = 4
@@ -67,35 +67,6 @@ class DiTConfig:
             raise FlexDiTError(f"num_classes must be at least 1, got {self.num_classes}")
         if self.density is not None:
             density_from_dict(self.density)  # validates
-
-    @property
-    def depth(self) -> int:
-        return len(self.layout)
-
-    @property
-    def out_channels(self) -> int:
-        return 2 * self.in_channels if self.learn_sigma else self.in_channels
-
-    @property
-    def token_grid(self) -> Grid:
-        return (self.input_size[0] // self.patch_size, self.input_size[1] // self.patch_size)
-
-    def dense(self) -> "DiTConfig":
-        """The all-dense model of the same size and resolution."""
-        return replace(self, layout=Layout.dense(self.depth).kinds, density=None)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["input_size"], d["layout"] = list(self.input_size), list(self.layout)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DiTConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise FlexDiTError(f"unknown model config keys {unknown}; the file was written by a newer flexdit?")
-        return cls(**d)
 
 
 class DiT(FlexDiTCore):

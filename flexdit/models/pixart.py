@@ -9,13 +9,13 @@ caption. `flexdit.models.from_dense.flexdit_from_dense` converts a dense PixArt 
 Diffusers interop (PixArtTransformer2DModel): `config_from_diffusers`, `state_from_diffusers`, and the reverse
 `config_to_diffusers`, `state_to_diffusers`.
 """
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 from flexdit.errors import FlexDiTError
-from flexdit.models.core import FlexDiTCore
+from flexdit.models.core import BackboneConfig, FlexDiTCore
 from flexdit.models.dit import DEFAULT_DENSITY
 from flexdit.models.layout import Layout
 from flexdit.nn.density import Grid
@@ -36,7 +36,7 @@ RESOLUTIONS = {
 
 
 @dataclass
-class PixArtConfig:
+class PixArtConfig(BackboneConfig):
     input_size: tuple[int, int] = (64, 64)  # latent (H, W)
     patch_size: int = 2
     in_channels: int = 4
@@ -78,34 +78,6 @@ class PixArtConfig:
             self.base_size = self.input_size[0] // self.patch_size  # as PixArt and diffusers derive it
         if self.density is not None:
             density_from_dict(self.density)  # validates
-
-    @property
-    def depth(self) -> int:
-        return len(self.layout)
-
-    @property
-    def out_channels(self) -> int:
-        return 2 * self.in_channels if self.learn_sigma else self.in_channels
-
-    @property
-    def token_grid(self) -> Grid:
-        return (self.input_size[0] // self.patch_size, self.input_size[1] // self.patch_size)
-
-    def dense(self) -> "PixArtConfig":
-        """The all-dense model of the same size and resolution."""
-        return replace(self, layout=Layout.dense(self.depth).kinds, density=None)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["input_size"], d["layout"] = list(self.input_size), list(self.layout)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PixArtConfig":
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise FlexDiTError(f"unknown PixArt config keys {unknown}; the file was written by a newer flexdit?")
-        return cls(**d)
 
 
 def pixart_config(image_size: int = 512, layout: str | Layout | None = None, density: Density | None = None,
