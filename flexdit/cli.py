@@ -542,7 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (default 1: none, as the experiment)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--repeats", type=int, default=2, help="timed sampling runs per model after the PNG run (median)")
+    p.add_argument("--repeats", type=int, default=1, help="timed sampling runs per model after the PNG run (median)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=AUTO_DTYPE_HELP)
     p.set_defaults(func=cmd_demo)

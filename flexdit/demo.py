@@ -40,7 +40,7 @@ def side_by_side(left: np.ndarray, right: np.ndarray) -> np.ndarray:
 
 
 def run_demo(out: str, dense_path: str | None = None, flexdit_path: str | None = None, per_class: int = 2,
-             sampler: str = "ddim", steps: int = 25, cfg: float = 1.0, seed: int = 0, repeats: int = 2,
+             sampler: str = "ddim", steps: int = 25, cfg: float = 1.0, seed: int = 0, repeats: int = 1,
              device: str = "cpu", dtype: str = "auto", log=print) -> DemoResult:
     """dtype "auto": bf16 where the device runs it natively, fp32 elsewhere (bf16 is emulated on AVX2-only CPUs)."""
     if per_class < 1 or repeats < 1:
