@@ -31,6 +31,28 @@ class BackboneConfig:
     """What every backbone's config dataclass shares (fields input_size, patch_size, in_channels, learn_sigma,
     layout, density): the derived sizes and the JSON form saved in our files."""
 
+    def _check_geometry(self) -> None:
+        """Normalise input_size and layout and refuse sizes no backbone can build (a damaged or hand-edited config
+        would otherwise fail deep inside torch)."""
+        if isinstance(self.input_size, int):
+            self.input_size = (self.input_size, self.input_size)
+        sizes = [(name, getattr(self, name)) for name in ("hidden_size", "num_heads", "patch_size", "in_channels")]
+        sizes += [("input_size", side) for side in self.input_size]
+        bad = next(((name, v) for name, v in sizes if isinstance(v, bool) or not isinstance(v, int) or v < 1), None)
+        if bad is not None:
+            raise FlexDiTError(f"the model config's {bad[0]} is {bad[1]!r}; every size must be a positive integer "
+                               "(is the checkpoint's config damaged?)")
+        self.input_size = tuple(self.input_size)
+        self.layout = Layout(tuple(self.layout)).kinds
+        if any(s % self.patch_size for s in self.input_size):
+            raise FlexDiTError(f"input size {self.input_size[0]}x{self.input_size[1]} is not divisible by "
+                               f"patch size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise FlexDiTError(f"hidden size {self.hidden_size} is not divisible by {self.num_heads} heads; "
+                               "pass the right num_heads")
+        if self.hidden_size % 4:
+            raise FlexDiTError(f"hidden size {self.hidden_size} must be divisible by 4 (2-D sin-cos positions)")
+
     @property
     def depth(self) -> int:
         return len(self.layout)

@@ -44,27 +44,9 @@ class DiTConfig(BackboneConfig):
     timestep_freq_shift: int = 0  # 0: original DiT; 1: diffusers' DiT port
 
     def __post_init__(self):
-        if isinstance(self.input_size, int):
-            self.input_size = (self.input_size, self.input_size)
-        sizes = [(name, getattr(self, name)) for name in
-                 ("hidden_size", "num_heads", "patch_size", "in_channels", "num_classes")]
-        sizes += [("input_size", side) for side in self.input_size]
-        bad = next(((name, v) for name, v in sizes if isinstance(v, bool) or not isinstance(v, int) or v < 1), None)
-        if bad is not None:  # a damaged or hand-edited config would otherwise fail deep inside torch
-            raise FlexDiTError(f"the model config's {bad[0]} is {bad[1]!r}; every size must be a positive integer "
-                               "(is the checkpoint's config damaged?)")
-        self.input_size = tuple(self.input_size)
-        self.layout = Layout(tuple(self.layout)).kinds
-        if any(s % self.patch_size for s in self.input_size):
-            raise FlexDiTError(f"input size {self.input_size[0]}x{self.input_size[1]} is not divisible by "
-                               f"patch size {self.patch_size}")
-        if self.hidden_size % self.num_heads:
-            raise FlexDiTError(f"hidden size {self.hidden_size} is not divisible by {self.num_heads} heads; "
-                               "pass the right num_heads")
-        if self.hidden_size % 4:
-            raise FlexDiTError(f"hidden size {self.hidden_size} must be divisible by 4 (2-D sin-cos positions)")
-        if self.num_classes < 1:
-            raise FlexDiTError(f"num_classes must be at least 1, got {self.num_classes}")
+        self._check_geometry()
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise FlexDiTError(f"num_classes must be a positive integer, got {self.num_classes!r}")
         if self.density is not None:
             density_from_dict(self.density)  # validates
 

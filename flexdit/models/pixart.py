@@ -54,18 +54,7 @@ class PixArtConfig(BackboneConfig):
     density: dict | None = None  # {"r_min", "r_max"} or {"grid": [h, w]}; required by sparse layouts
 
     def __post_init__(self):
-        if isinstance(self.input_size, int):
-            self.input_size = (self.input_size, self.input_size)
-        self.input_size = tuple(int(s) for s in self.input_size)
-        self.layout = Layout(tuple(self.layout)).kinds
-        if any(s % self.patch_size for s in self.input_size):
-            raise FlexDiTError(f"input size {self.input_size[0]}x{self.input_size[1]} is not divisible by "
-                               f"patch size {self.patch_size}")
-        if self.hidden_size % self.num_heads:
-            raise FlexDiTError(f"hidden size {self.hidden_size} is not divisible by {self.num_heads} heads; "
-                               "pass the right num_heads")
-        if self.hidden_size % 4:
-            raise FlexDiTError(f"hidden size {self.hidden_size} must be divisible by 4 (2-D sin-cos positions)")
+        self._check_geometry()
         if self.micro_conditions and self.hidden_size % 3:
             raise FlexDiTError(f"hidden size {self.hidden_size} must be divisible by 3 for micro-conditions "
                                "(resolution h, w and aspect ratio take a third each); use micro_conditions=False")
