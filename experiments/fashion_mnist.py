@@ -50,11 +50,10 @@ from flexdit.models.dit import DiT
 from flexdit.models.layout import Layout
 from flexdit.sampling import decode, image_grid, plan, sample
 from flexdit.schedule import parse_density
-from flexdit.training.data import open_dataset
+from flexdit.training.data import FASHION_MNIST_CLASS_NAMES, open_dataset
 from flexdit.training.trainer import TrainArgs, latest_checkpoint, train
 
-CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-               "Ankle boot")
+CLASS_NAMES = FASHION_MNIST_CLASS_NAMES
 MIN_SAMPLES = 4  # the evaluator's minimum (3 nearest neighbours + 1)
 # training arguments that are not part of a run's identity: they do not change the weights, or (steps) a run
 # may be extended, and more steps than asked for is refused on its own

@@ -17,11 +17,13 @@ from flexdit.errors import FlexDiTError
 from flexdit.io import atomic_write, check_output, check_png_output, check_writable
 from flexdit.measure.bench import bench
 from flexdit.measure.flops import flops_report
-from flexdit.models.dit import DiT, DiTConfig, model_config
+from flexdit.models.core import BackboneConfig, FlexDiTCore
+from flexdit.models.families import PIXART_NAMES, build_model, named_config
+from flexdit.models.pixart import PixArt
 from flexdit.models.from_dense import ConversionReport
 from flexdit.models.layout import Layout
 from flexdit.nn.blocks import GEN
-from flexdit.sampling import MAX_SEED, SAMPLERS, check_request, decode, image_grid, plan, sample
+from flexdit.sampling import MAX_SEED, MODEL_DEFAULT, SAMPLERS, check_request, decode, image_grid, plan, sample, select
 from flexdit.schedule import parse_density
 from flexdit.vae import load_vae
 
@@ -34,6 +36,7 @@ AT_LEAST_ZERO = {"warmup", "lr_warmup"}
 ALLOCATION_FAILURES = ("can't allocate memory", "out of memory", "Storage size calculation overflowed")
 MAX_COUNT = 10**8  # far beyond any sensible count, far below an integer overflow or a label list filling memory
 PATHS = {"out", "data", "init", "ckpt", "teacher", "vae", "npz", "images", "dense", "flexdit", "inception", "src",
+         "text_encoder", "captions", "captions_file",
          "dst", "samples", "reference"}  # an empty string for these is a slip, never a path
 FLAGS = {"num": "--num-samples"}  # argument names whose flag is not --name
 AUTO_DTYPE_HELP = ("auto (default): bf16 on a GPU that supports it and on a CPU that runs it natively (AVX512-BF16 or "
@@ -41,15 +44,22 @@ AUTO_DTYPE_HELP = ("auto (default): bf16 on a GPU that supports it and on a CPU 
 
 
 # --- summaries ------------------------------------------------------------------------------------------
-def model_summary(model: DiT) -> dict:
+def model_summary(model: FlexDiTCore) -> dict:
     c = model.config
+    pixart = isinstance(model, PixArt)
     summary = {
-        "kind": "FlexDiT" if model.is_flexdit else "DiT",
+        "family": model.FAMILY, "kind": {(False, False): "DiT", (True, False): "FlexDiT", (False, True): "PixArt",
+                                         (True, True): "FlexDiT-PixArt"}[model.is_flexdit, pixart],
         "input_size": list(c.input_size), "patch_size": c.patch_size, "tokens": model.token_grid[0] * model.token_grid[1],
         "in_channels": c.in_channels, "hidden_size": c.hidden_size, "depth": c.depth, "num_heads": c.num_heads,
-        "num_classes": c.num_classes, "null_class": model.has_null_class, "learn_sigma": c.learn_sigma,
-        "layout": str(model.layout), "parameters": model.num_parameters(), "density": c.density,
+        "learn_sigma": c.learn_sigma, "layout": str(model.layout), "parameters": model.num_parameters(),
+        "density": c.density,
     }
+    if pixart:
+        summary.update(caption_channels=c.caption_channels, learned_null_caption=c.learned_null_caption,
+                       micro_conditions=c.micro_conditions, interpolation_scale=c.interpolation_scale)
+    else:
+        summary.update(num_classes=c.num_classes, null_class=model.has_null_class)
     if model.layout.has_sparse_tokens and model.density is not None:
         summary["grids"] = {t: "x".join(map(str, model.density.grid(t, model.token_grid))) for t in SUMMARY_TIMESTEPS}
     return summary
@@ -61,7 +71,7 @@ def print_summary(summary: dict, conversion: ConversionReport | None = None) -> 
                   f"{summary['num_heads']} heads, patch {summary['patch_size']}"),
         ("input", f"{summary['in_channels']} x {summary['input_size'][0]} x {summary['input_size'][1]} latent, "
                   f"{summary['tokens']} tokens"),
-        ("classes", f"{summary['num_classes']}" + (" + null class (guidance)" if summary["null_class"] else "")),
+        ("condition", _condition_summary(summary)),
         ("layout", summary["layout"]),
         ("parameters", f"{summary['parameters'] / 1e6:.2f} M"),
     ]
@@ -75,6 +85,14 @@ def print_summary(summary: dict, conversion: ConversionReport | None = None) -> 
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
+
+
+def _condition_summary(summary: dict) -> str:
+    if summary["family"] == PixArt.FAMILY:
+        return (f"captions of {summary['caption_channels']}-channel T5 embeddings"
+                + (", learned null caption" if summary["learned_null_caption"] else "")
+                + (", resolution and aspect-ratio micro-conditions" if summary["micro_conditions"] else ""))
+    return f"{summary['num_classes']} classes" + (" + null class (guidance)" if summary["null_class"] else "")
 
 
 # --- commands -----------------------------------------------------------------------------------------
@@ -111,7 +129,7 @@ def cmd_convert(args) -> None:
     if args.json:
         print(json.dumps(summary, indent=2))
         return
-    what = "dense DiT -> FlexDiT" if loaded.conversion is not None else "format conversion"
+    what = "dense -> FlexDiT" if loaded.conversion is not None else "format conversion"
     print(f"{args.src} ({loaded.format}) -> {args.dst} ({what}, {summary['output_bytes'] / 2**20:.1f} MiB)")
     print_summary(summary, loaded.conversion)
     for note in loaded.notes:
@@ -136,7 +154,16 @@ def cmd_extract_latents(args) -> None:
           f"({n / elapsed:.1f} images/s)")
 
 
-def _target_config(args, flexdit: bool = False) -> DiTConfig:
+def cmd_extract_captions(args) -> None:
+    from flexdit.training.extract import extract_data_captions
+
+    table = extract_data_captions(args.data, args.text_encoder, args.out, args.template, args.captions_file,
+                                  args.batch, args.device)
+    print(f"wrote {args.out}: {len(table.captions)} distinct captions of {table.max_length} tokens x "
+          f"{table.channels} channels, one per {table.per} ({len(table)} {table.per} rows), e.g. {table.captions[0]!r}")
+
+
+def _target_config(args, flexdit: bool = False) -> BackboneConfig:
     """The model a measurement is about: --ckpt, or a standard size at --image-size (latent = size / 8).
     A dense name or checkpoint becomes the FlexDiT of that size with --density/--grid/--layout, or always
     when `flexdit` is set (bench compares the two)."""
@@ -151,7 +178,7 @@ def _target_config(args, flexdit: bool = False) -> DiTConfig:
     if args.image_size < 8 or args.image_size % 8:
         raise FlexDiTError(f"--image-size {args.image_size} must be a positive multiple of 8 (the VAE's downsampling)")
     layout = args.layout or ("default" if flexdit else None)
-    return model_config(args.model, args.image_size // 8, layout=layout, density=density)
+    return named_config(args.model, args.image_size, layout=layout, density=density)
 
 
 def _flexdit_gflops_table(report) -> None:
@@ -182,7 +209,7 @@ def cmd_bench(args) -> None:
     config = _target_config(args, flexdit=True)
     if GEN not in config.layout:
         raise FlexDiTError("bench compares dense with a FlexDiT; give a FlexDiT layout, not --layout dense")
-    flex = DiT(config)
+    flex = build_model(config)
     the_plan = plan(args.sampler, args.steps)
     timesteps = the_plan.timesteps
     units = args.warmup + args.repeats + 2  # timing rounds over every (model, grid), then memory of each model
@@ -260,7 +287,55 @@ def _sample_labels(args, num_classes: int) -> list[int]:
             return [int(c) for c in args.classes.split(",")]
         except ValueError:
             raise FlexDiTError(f"cannot read --classes {args.classes!r}; expected ids such as 1,2,3") from None
-    return [i % num_classes for i in range(args.num)]  # balanced classes
+    return [i % num_classes for i in range(args.num or 16)]  # balanced classes
+
+
+def _sample_condition(args, model: FlexDiTCore, device: torch.device) -> tuple[object, list[int], dict]:
+    """What conditions each requested sample, the ids written to the npz beside the images, and extra npz arrays:
+    class ids for a DiT; for a PixArt the prompts (encoded by --text-encoder) or a caption table's captions,
+    cycled over --num-samples, with the prompt index as the id."""
+    text_options = [flag for flag, value in (("--prompt", args.prompt), ("--captions", args.captions),
+                                             ("--text-encoder", args.text_encoder),
+                                             ("--negative-prompt", args.negative_prompt)) if value is not None]
+    if not isinstance(model, PixArt):
+        if text_options:
+            raise FlexDiTError(f"{text_options[0]} conditions a text-to-image model; this class-conditional DiT "
+                               "takes --classes or --num-samples")
+        labels = _sample_labels(args, model.config.num_classes)
+        return labels, labels, {}
+    if args.classes is not None:
+        raise FlexDiTError("--classes is for class-conditional DiTs; a PixArt takes --prompt (with --text-encoder) "
+                           "or --captions")
+    if (args.prompt is None) == (args.captions is None):
+        raise FlexDiTError("a PixArt samples from captions: give --prompt TEXT (repeatable) with --text-encoder "
+                           "T5_FOLDER, or --captions TABLE (written by flexdit extract-captions)")
+    encoder = None
+    if args.text_encoder is not None:
+        from flexdit.text import TextEncoder
+
+        encoder = TextEncoder.load(args.text_encoder, device, torch.bfloat16 if model.dtype == torch.bfloat16
+                                   else torch.float32)
+    if args.prompt is not None:
+        if encoder is None:
+            raise FlexDiTError("--prompt needs --text-encoder T5_FOLDER (a local T5 encoder, e.g. the text_encoder/ "
+                               "and tokenizer/ of PixArt-alpha's pipeline folder), or use --captions TABLE")
+        prompts = args.prompt
+        embeddings, masks = encoder.encode(prompts)
+    else:
+        from flexdit.text import CaptionTable
+
+        table = CaptionTable.load(args.captions)
+        prompts, embeddings, masks = table.captions, table.embeddings, table.masks
+    ids = [i % len(prompts) for i in range(args.num or len(prompts))]
+    condition = {"caption": embeddings[ids].cpu(), "caption_mask": masks[ids].cpu()}
+    if args.cfg != 1 and (args.negative_prompt is not None or not model.can_guide):
+        if encoder is None:
+            raise FlexDiTError("guidance of this PixArt needs a negative caption (it has no learned null caption): "
+                               "give --text-encoder (T5 of the empty prompt, or --negative-prompt), or --cfg 1")
+        negative, negative_mask = encoder.encode([args.negative_prompt or ""])
+        condition.update(negative_caption=negative.cpu().expand(len(ids), -1, -1),
+                         negative_caption_mask=negative_mask.cpu().expand(len(ids), -1))
+    return condition, ids, {"prompts": np.array(prompts)}
 
 
 def cmd_sample(args) -> None:
@@ -283,7 +358,7 @@ def cmd_sample(args) -> None:
     for name in ("batch", "grid_max"):
         if getattr(args, name) < 1:
             raise FlexDiTError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.num < 1:
+    if args.num is not None and args.num < 1:
         raise FlexDiTError(f"--num-samples must be at least 1, got {args.num}")
     ctx, device = init_from_env(args.device)
     try:
@@ -292,8 +367,8 @@ def cmd_sample(args) -> None:
         model = load_checkpoint(args.ckpt, **options).model.to(device, DTYPES[dtype])
         if ctx.is_main:
             tqdm.write(f"sampling in {dtype} on {device}" + (" (--dtype auto)" if args.dtype == "auto" else ""))
-        labels = _sample_labels(args, model.config.num_classes)
-        check_request(model, labels, args.cfg, args.eta, args.seed)  # before the progress bar starts
+        condition, labels, extra = _sample_condition(args, model, device)
+        condition = check_request(model, condition, args.cfg, args.eta, args.seed)  # before the progress bar starts
         if len(labels) < ctx.world_size:
             raise FlexDiTError(f"{len(labels)} samples cannot be shared by {ctx.world_size} processes; ask for at "
                                "least one sample per process")
@@ -305,18 +380,18 @@ def cmd_sample(args) -> None:
             raise FlexDiTError(f"this model makes {model.in_channels}-channel latents; pass --vae PATH "
                                "(a local sd-vae-ft-ema folder) or --vae none to keep the latents")
         mine = list(range(ctx.rank, len(labels), ctx.world_size))
-        guided = None if args.cfg_channels == "all" else 3
+        guided = {None: MODEL_DEFAULT, "all": None, "3": 3}[args.cfg_channels]
         results, start = [], time.perf_counter()
         with tqdm(total=len(mine), desc="samples", disable=not ctx.is_main) as bar:
             for k in range(0, len(mine), args.batch):
                 idx = mine[k:k + args.batch]
-                latents = sample(model, [labels[i] for i in idx], args.sampler, the_plan.steps, args.cfg, guided,
+                latents = sample(model, select(condition, idx), args.sampler, the_plan.steps, args.cfg, guided,
                                  args.eta, args.seed, idx, progress=ctx.is_main)
                 results.append(latents.float().cpu() if args.vae == "none" else decode(latents, vae))
                 bar.update(len(idx))
         elapsed = time.perf_counter() - start
         arrays = torch.cat(results).numpy() if args.vae == "none" else np.concatenate(results)
-        _gather_and_write(ctx, args, arrays, mine, labels, out_png)
+        _gather_and_write(ctx, args, arrays, mine, labels, out_png, extra)
         if ctx.is_main:
             flops = flops_report(model, the_plan.timesteps)
             print(f"{len(labels)} samples, {args.sampler} {the_plan.steps} steps, cfg {args.cfg}: "
@@ -326,7 +401,8 @@ def cmd_sample(args) -> None:
         shutdown()
 
 
-def _gather_and_write(ctx, args, arrays: np.ndarray, mine: list[int], labels: list[int], out_png: str | None) -> None:
+def _gather_and_write(ctx, args, arrays: np.ndarray, mine: list[int], labels: list[int], out_png: str | None,
+                      extra: dict[str, np.ndarray]) -> None:
     """Each rank writes its shard beside the output; rank 0 merges them in sample order."""
     if ctx.world_size > 1:
         shard = f"{args.npz or out_png}.rank{ctx.rank}.npz"
@@ -343,8 +419,9 @@ def _gather_and_write(ctx, args, arrays: np.ndarray, mine: list[int], labels: li
     if args.npz:
         key = "latents" if args.vae == "none" else "arr_0"
         labels_key = "labels" if key == "latents" else "arr_1"
-        atomic_write(args.npz, lambda tmp: np.savez(tmp, **{key: arrays, labels_key: label_array}))
-        print(f"wrote {args.npz}: {key} {arrays.dtype} {tuple(arrays.shape)}, labels")
+        atomic_write(args.npz, lambda tmp: np.savez(tmp, **{key: arrays, labels_key: label_array}, **extra))
+        print(f"wrote {args.npz}: {key} {arrays.dtype} {tuple(arrays.shape)}, "
+              + ("prompt ids, prompts" if extra else "labels"))
     if out_png and args.vae != "none":
         from PIL import Image
 
@@ -406,8 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="flexdit", description="FlexDiT: dynamic token density for DiTs")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("convert", help="any supported checkpoint -> our format; dense DiT -> FlexDiT")
-    p.add_argument("src", help="DiT .pt/.safetensors, SparseDiT .pt, diffusers folder, or flexdit .safetensors")
+    p = sub.add_parser("convert", help="any supported checkpoint -> our format; dense DiT or PixArt -> FlexDiT")
+    p.add_argument("src", help="DiT .pt/.safetensors, PixArt-alpha .pth, SparseDiT .pt, diffusers folder (DiT or "
+                               "PixArt transformer, or its pipeline), or flexdit .safetensors")
     p.add_argument("dst", help="output .safetensors")
     p.add_argument("--layout", help="'default' (paper's layout for the depth), 'dense', or a spec such as "
                                     "2+4x1-3-1-1+2 (pool + SDTMs x gen-sparse-recover-dense + top); "
@@ -425,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, help_ in (("flops", cmd_flops, "GFLOPs of a model, dense vs FlexDiT, averaged over a sampler"),
                               ("bench", cmd_bench, "time dense vs FlexDiT forward passes side by side")):
         p = sub.add_parser(name, help=help_)
-        p.add_argument("--model", help="standard size, e.g. DiT-XL/2 (default) or FlexDiT-B/2")
+        p.add_argument("--model", help=f"standard size, e.g. DiT-XL/2 (default), FlexDiT-B/2 or {PIXART_NAMES[0]} "
+                                       "(256, 512 or 1024 px)")
         p.add_argument("--image-size", type=int, help="image pixels (latent = size / 8; default 256)")
         p.add_argument("--ckpt", help="measure a checkpoint's own config instead of --model")
         p.add_argument("--num-heads", type=int, help="with --ckpt: heads, for non-standard sizes")
@@ -449,14 +528,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="any supported checkpoint")
     who = p.add_mutually_exclusive_group()
     who.add_argument("--classes", help="class ids, e.g. 207,360,387")
-    who.add_argument("--num-samples", "--num", dest="num", type=int, default=16,
-                     help="number of samples, classes cycling 0..K-1 (default 16); under torchrun write "
-                          "--num-samples (torchrun reads --num as its own --numa-binding)")
+    who.add_argument("--num-samples", "--num", dest="num", type=int,
+                     help="number of samples, classes cycling 0..K-1 (default 16) or prompts cycling (default one "
+                          "each); under torchrun write --num-samples (torchrun reads --num as its own --numa-binding)")
+    p.add_argument("--prompt", action="append", help="PixArt: a prompt (repeat for several), with --text-encoder")
+    p.add_argument("--text-encoder", help="PixArt: local T5 encoder folder (a model folder, or a pipeline folder "
+                                          "with text_encoder/ and tokenizer/); nothing is downloaded")
+    p.add_argument("--captions", help="PixArt: precomputed caption embeddings (flexdit extract-captions) instead of "
+                                      "--prompt; each distinct caption once, cycled")
+    p.add_argument("--negative-prompt", help="PixArt: the unconditional caption of guidance (default: the learned "
+                                             "null caption, or T5 of \"\" for diffusers models, as their pipeline)")
     p.add_argument("--sampler", choices=SAMPLERS, default="ddpm")
     p.add_argument("--steps", type=int, help="default: ddpm 250, ddim 50, dpm 20")
     p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (1 = off, no doubled batch)")
-    p.add_argument("--cfg-channels", choices=("3", "all"), default="3",
-                   help="guide the first 3 channels as the original DiT, or all noise channels")
+    p.add_argument("--cfg-channels", choices=("3", "all"),
+                   help="guide the first 3 channels or all noise channels (default: the original's rule: DiT 3, "
+                        "PixArt all)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=16)
@@ -517,6 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, help="--model: a custom depth (e.g. 12)")
     p.add_argument("--image-size", type=int, help="image folders: crop size in pixels")
     p.add_argument("--vae", help="image folders: encode on the fly with this local VAE")
+    p.add_argument("--captions", help="PixArt: the caption table of --data (flexdit extract-captions); "
+                                      "--label-dropout is then the probability of the null caption")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="FID, sFID, IS, precision/recall of an ADM sample npz against a reference npz")
@@ -557,6 +646,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, default=10000, help="images per shard")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=cmd_extract_latents)
+
+    p = sub.add_parser("extract-captions", help="encode a data source's captions with a local T5 once, for PixArt "
+                                                "fine-tuning")
+    p.add_argument("--data", required=True, help="the --data of training: latents, image folder or Fashion-MNIST")
+    p.add_argument("--text-encoder", required=True, help="local T5 folder (model folder, or pipeline folder with "
+                                                         "text_encoder/ and tokenizer/)")
+    p.add_argument("--out", required=True, help="output caption table (.safetensors)")
+    p.add_argument("--template", default="a photo of a {}", help="caption of each class, {} = its name (default "
+                                                                  "'a photo of a {}')")
+    p.add_argument("--captions-file", help="UTF-8 text, one caption per line: per class (label order) or per "
+                                           "sample (sample order), instead of --template")
+    p.add_argument("--batch", type=int, default=64, help="captions per T5 forward")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=cmd_extract_captions)
     return parser
 
 

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from flexdit.diffusion.gaussian import GaussianDiffusion
 from flexdit.diffusion.respace import space_timesteps
 from flexdit.errors import FlexDiTError
-from flexdit.models.dit import DiT
+from flexdit.models.core import FlexDiTCore
 from flexdit.schedule import NUM_TIMESTEPS
 from flexdit.vae import LATENT_SCALE
 
@@ -31,30 +31,35 @@ class SamplerPlan:
     timesteps: list[int]  # descending: the order the model sees them
 
 
-def _checked_labels(model: DiT, labels: torch.Tensor | list[int]) -> torch.Tensor:
-    """Class ids as a (B,) long tensor, each within the model's classes (checked before any tensor conversion,
-    so a huge id is an error, not an overflow)."""
-    ids = [int(c) for c in (labels.flatten().tolist() if isinstance(labels, torch.Tensor) else labels)]
-    n = model.config.num_classes
-    bad = [c for c in ids if not 0 <= c < n]
-    if bad:
-        raise FlexDiTError(f"unknown class id {bad[0]}; this model has classes 0..{n - 1}")
-    return torch.tensor(ids, dtype=torch.long)
+Condition = torch.Tensor | list[int] | dict[str, torch.Tensor]  # class ids (DiT) or captions (PixArt)
+MODEL_DEFAULT = "model"  # guided_channels: the backbone's own rule (DiT: the first 3 channels; PixArt: all)
 
 
-def check_request(model: DiT, labels: torch.Tensor | list[int], cfg_scale: float, eta: float,
-                  seed: int) -> torch.Tensor:
-    """Refuse what `sample` cannot do well before it starts; returns the labels as a (B,) long tensor."""
-    labels = _checked_labels(model, labels)
+def check_request(model: FlexDiTCore, condition: Condition, cfg_scale: float, eta: float,
+                  seed: int) -> dict[str, torch.Tensor]:
+    """Refuse what `sample` cannot do well before it starts; returns the model's prepared conditioning (a dict of
+    batch-first tensors: forward()'s keyword arguments, plus a PixArt's negative captions)."""
+    condition = model.prepare_condition(condition)
     if not 1 <= cfg_scale < math.inf:
         raise FlexDiTError(f"cfg scale must be a finite number of at least 1 (1 = no guidance), got {cfg_scale}")
-    if cfg_scale != 1 and not model.has_null_class:
-        raise FlexDiTError("classifier-free guidance needs a model trained with a null class; use --cfg 1")
+    if cfg_scale != 1 and not (model.can_guide or "negative_caption" in condition):
+        raise FlexDiTError("classifier-free guidance needs a model trained with a null class or null caption, or a "
+                           "negative caption (PixArt from diffusers: --text-encoder gives T5 of the empty prompt); "
+                           "use --cfg 1")
     if not 0 <= eta < math.inf:
         raise FlexDiTError(f"eta must be a finite number of at least 0 (0 = deterministic DDIM), got {eta}")
     if not 0 <= seed <= MAX_SEED:
         raise FlexDiTError(f"seed {seed} is out of range; give a seed from 0 to {MAX_SEED}")
-    return labels
+    return condition
+
+
+def batch_size(condition: dict[str, torch.Tensor]) -> int:
+    return next(iter(condition.values())).shape[0]
+
+
+def select(condition: dict[str, torch.Tensor], indices: list[int]) -> dict[str, torch.Tensor]:
+    """The conditioning of the samples at `indices` (a batch of a larger request)."""
+    return {k: v[indices] for k, v in condition.items()}
 
 
 def _sample_generators(seed: int, indices: list[int]) -> list[torch.Generator]:
@@ -94,36 +99,42 @@ def plan(sampler: str, steps: int | None = None) -> SamplerPlan:
 
 
 @torch.no_grad()
-def sample(model: DiT, labels: torch.Tensor | list[int], sampler: str = "ddpm", steps: int | None = None,
-           cfg_scale: float = 1.0, guided_channels: int | None = 3, eta: float = 0.0, seed: int = 0,
+def sample(model: FlexDiTCore, condition: Condition, sampler: str = "ddpm", steps: int | None = None,
+           cfg_scale: float = 1.0, guided_channels: int | None | str = MODEL_DEFAULT, eta: float = 0.0, seed: int = 0,
            sample_indices: list[int] | None = None, progress: bool = False) -> torch.Tensor:
-    """Latents (B, C, H, W), float32, on the model's device, for class `labels`.
+    """Latents (B, C, H, W), float32, on the model's device, for `condition`: class ids for a DiT, captions
+    {"caption", "caption_mask", ...} for a PixArt (see its prepare_condition).
 
     The sampler's state stays in float32 whatever the model's dtype (a bf16 model only computes in bf16),
-    so no rounding accumulates over the steps. cfg_scale > 1 guides with the null class
-    (guided_channels=3: the original DiT's first three channels; None: all noise channels); cfg_scale == 1
-    runs the plain conditional model (no doubled batch). sample_indices give each sample's seed index
-    (default 0..B-1) so shards reproduce a single run.
+    so no rounding accumulates over the steps. cfg_scale > 1 guides with the null class / null caption (or the
+    negative caption); guided_channels 3 guides the first three channels as the original DiT, None all noise
+    channels, "model" the backbone's rule (DiT 3, PixArt all); cfg_scale == 1 runs the plain conditional model
+    (no doubled batch). sample_indices give each sample's seed index (default 0..B-1) so shards reproduce a
+    single run.
     """
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
-    labels = check_request(model, labels, cfg_scale, eta, seed)
+    condition = check_request(model, condition, cfg_scale, eta, seed)
     guided = cfg_scale != 1
+    n_guided = model.GUIDED_CHANNELS if guided_channels == MODEL_DEFAULT else guided_channels
+    n_guided = model.in_channels if n_guided is None else min(n_guided, model.in_channels)
     the_plan = plan(sampler, steps)
-    indices = list(range(len(labels))) if sample_indices is None else list(sample_indices)
+    B = batch_size(condition)
+    indices = list(range(B)) if sample_indices is None else list(sample_indices)
     generators = _sample_generators(seed, indices)
     shape = (model.in_channels, *model.config.input_size)
     x = _randn(generators, shape, device, torch.float32)
-    y = labels.to(device)
-    if guided:
-        y = torch.cat([y, torch.full_like(y, model.config.num_classes)])
+    inputs = model.guidance_condition(condition) if guided else \
+        {k: v for k, v in condition.items() if not k.startswith("negative_")}
+    inputs = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
 
     def model_output(x: torch.Tensor, t: int) -> torch.Tensor:
-        tt = torch.full((y.shape[0],), t, device=device, dtype=torch.long)
         x = x.to(dtype)
-        if guided:
-            return model.forward_with_cfg(torch.cat([x, x]), tt, y, cfg_scale, guided_channels)[: x.shape[0]].float()
-        return model(x, tt, y).float()
+        if not guided:
+            return model(x, torch.full((B,), t, device=device, dtype=torch.long), **inputs).float()
+        out = model(torch.cat([x, x]), torch.full((2 * B,), t, device=device, dtype=torch.long), **inputs).float()
+        cond, uncond = out[:, :n_guided].chunk(2)
+        return torch.cat([uncond + cfg_scale * (cond - uncond), out[:B, n_guided:]], dim=1)
 
     bar = tqdm(total=len(the_plan.timesteps), desc=f"{sampler} {the_plan.steps} steps", disable=not progress,
                leave=False)

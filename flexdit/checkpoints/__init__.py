@@ -4,8 +4,10 @@ Formats read, one module each, told apart by flexdit.checkpoints.detect (from th
   flexdit    ours.py: safetensors written by `model.save` (our JSON config in its metadata), and the trainer's
              torch.save checkpoints;
   dit        dit.py: facebookresearch/DiT state dicts (bare, or under "ema"/"model"; torch.save or safetensors);
+  pixart     pixart.py: PixArt-alpha/PixArt-alpha .pth files ({"state_dict": ...}), 256/512 px and 1024-MS;
   sparsedit  sparsedit.py: the FlexDiT/SparseDiT authors' code (poolingformer_blocks, dumbbell_blocks, ...);
-  diffusers  diffusers.py: DiTTransformer2DModel folders (or pipeline folders), or their bare state dicts.
+  diffusers  diffusers.py: DiTTransformer2DModel folders (or pipeline folders), or their bare state dicts;
+  diffusers-pixart  diffusers_pixart.py: PixArtTransformer2DModel folders (or PixArtAlphaPipeline folders).
 Nothing here unpickles code: safetensors, or torch.load(weights_only=True).
 """
 import os
@@ -17,7 +19,8 @@ from flexdit.checkpoints import detect
 from flexdit.checkpoints.dit import dit_state_dict
 from flexdit.checkpoints.files import State
 from flexdit.errors import FlexDiTError
-from flexdit.models.dit import DiT
+from flexdit.models.core import FlexDiTCore
+from flexdit.models.families import build_model
 from flexdit.models.from_dense import ConversionReport, flexdit_from_dense
 from flexdit.models.layout import Layout
 from flexdit.schedule import T_MAX, Density, FixedGrid, parse_density
@@ -31,14 +34,14 @@ __all__ = ["FORMATS", "OVERRIDES", "LoadedCheckpoint", "dit_state_dict", "load",
 
 @dataclass
 class LoadedCheckpoint:
-    model: DiT
+    model: FlexDiTCore
     format: str
     path: str
     notes: list[str] = field(default_factory=list)
     conversion: ConversionReport | None = None  # set when a dense checkpoint was converted on load
 
 
-def load(path: str | os.PathLike, **overrides) -> DiT:
+def load(path: str | os.PathLike, **overrides) -> FlexDiTCore:
     """A ready model (eval mode, CPU, fp32) from any supported checkpoint; see `load_checkpoint`."""
     return load_checkpoint(path, **overrides).model
 
@@ -64,7 +67,7 @@ def load_checkpoint(path: str | os.PathLike, **overrides) -> LoadedCheckpoint:
     if "sparse_grid" in overrides and fmt.NAME != "sparsedit":
         raise FlexDiTError("sparse_grid applies to SparseDiT checkpoints only; use density= or grid= instead")
     state, config, notes = fmt.build(source, overrides)
-    model = DiT(config)
+    model = build_model(config)
     _load_weights(model, state, path)
     return retarget(LoadedCheckpoint(model.eval(), fmt.NAME, path, notes), layout, density)
 
@@ -78,7 +81,7 @@ def retarget(loaded: LoadedCheckpoint, layout: Layout | str | None = None,
         if target.kinds != model.layout.kinds:
             if not model.layout.is_dense:
                 raise FlexDiTError(f"the checkpoint is a FlexDiT with layout {model.layout}; it cannot take layout "
-                                   f"{target} (only a dense DiT converts to a new layout)")
+                                   f"{target} (only a dense model converts to a new layout)")
             model, loaded.conversion = flexdit_from_dense(model, target, density)
             loaded.model = model.eval()
     if density is not None:
@@ -91,7 +94,7 @@ def retarget(loaded: LoadedCheckpoint, layout: Layout | str | None = None,
     return loaded
 
 
-def save_model(model: DiT, path: str | os.PathLike) -> None:
+def save_model(model: FlexDiTCore, path: str | os.PathLike) -> None:
     """Our format (safetensors + JSON config in its metadata), written atomically: `model.save(path)`."""
     model.save(path)
 
@@ -111,7 +114,7 @@ def _density_override(overrides: dict) -> Density | None:
     return density
 
 
-def _load_weights(model: DiT, state: State, path: str) -> None:
+def _load_weights(model: FlexDiTCore, state: State, path: str) -> None:
     """Strict load with one-line errors naming the first missing, unexpected or mis-shaped tensor."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]

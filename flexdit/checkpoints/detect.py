@@ -3,11 +3,13 @@
 from pathlib import Path
 from types import ModuleType
 
-from flexdit.checkpoints import diffusers, dit, ours, sparsedit
+from flexdit.checkpoints import diffusers, diffusers_pixart, dit, ours, pixart, sparsedit
 from flexdit.checkpoints.files import Source, check_finite, read_file
 from flexdit.errors import FlexDiTError
 
-FORMATS = (ours, diffusers, sparsedit, dit)  # ours first: its files also hold DiT-style keys
+# ours first: its files also hold the original key names; PixArt before DiT: its files also hold blocks.* and
+# x_embedder (diffusers' PixArt folders before DiT folders likewise)
+FORMATS = (ours, diffusers_pixart, diffusers, pixart, sparsedit, dit)
 
 
 def read(path: str, weights: str | None = None) -> Source:
@@ -19,10 +21,11 @@ def read(path: str, weights: str | None = None) -> Source:
 
 
 def detect(source: Source) -> ModuleType:
-    """The format module (ours, dit, sparsedit or diffusers) whose layout `source` has."""
+    """The format module (one of FORMATS) whose layout `source` has."""
     fmt = next((fmt for fmt in FORMATS if fmt.matches(source)), None)
     if fmt is None:
         sample = ", ".join(sorted(source.state)[:4])
-        raise FlexDiTError(f"unknown checkpoint key layout (keys start: {sample}); supported: original DiT, "
-                           "SparseDiT/FlexDiT authors' code, diffusers DiTTransformer2DModel, flexdit")
+        raise FlexDiTError(f"unknown checkpoint key layout (keys start: {sample}); supported: original DiT and "
+                           "PixArt-alpha, SparseDiT/FlexDiT authors' code, diffusers DiTTransformer2DModel and "
+                           "PixArtTransformer2DModel, flexdit")
     return fmt

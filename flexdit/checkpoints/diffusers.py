@@ -24,7 +24,7 @@ def read_folder(p: Path, weights: str | None = None) -> Source:
     config_file = p / "config.json"
     if not config_file.exists():
         raise FlexDiTError(f"{p} is a directory without a config.json, so not a diffusers model folder; "
-                           "give a checkpoint file or a DiTTransformer2DModel folder")
+                           "give a checkpoint file or a diffusers transformer folder")
     check_input_file(config_file, "config.json")
     try:
         config = json.loads(config_file.read_text())

@@ -21,6 +21,8 @@ State = dict[str, torch.Tensor]
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive
 PICKLE_PROTO = b"\x80"  # legacy torch.save files (and plain pickles) open with the pickle PROTO opcode
 SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit
+# entries of a torch.save dict that hold a state dict, EMA first (the weights to sample with), and which they are
+WRAPPERS = {"ema": "ema", "state_dict_ema": "ema", "model": "model", "state_dict": "model"}
 
 
 @dataclass
@@ -133,15 +135,17 @@ def _torch_load(p: Path) -> dict:
 
 # --- the state dict inside ------------------------------------------------------------------------------
 def _unwrap(obj: dict, path: str, weights: str | None) -> State:
-    """A training checkpoint {"model", "ema", "opt", ...} or {"state_dict": ...} -> one state dict."""
-    wrapped = [k for k in ("ema", "model", "state_dict") if isinstance(obj.get(k), dict)]
+    """A training checkpoint {"model", "ema", "opt", ...}, a PixArt file {"state_dict", "state_dict_ema"?} or a bare
+    state dict -> one state dict."""
+    wrapped = [k for k in WRAPPERS if isinstance(obj.get(k), dict)]
     if weights is not None:
         if weights not in ("ema", "model"):
             raise FlexDiTError(f"weights must be 'ema' or 'model', got {weights!r}")
-        if weights not in wrapped:
+        chosen = [k for k in wrapped if WRAPPERS[k] == weights]
+        if not chosen:
             has = ", ".join(wrapped) or "a bare state dict"
             raise FlexDiTError(f"{path} has no {weights!r} weights (it has: {has})")
-        obj = obj[weights]
+        obj = obj[chosen[0]]
     elif wrapped:
         obj = obj[wrapped[0]]  # EMA weights are the ones to sample and evaluate with
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}

@@ -1,5 +1,5 @@
 """A DiT-family model's config from the shapes of its tensors (in DiT key names), for the formats that do not
-record one: the original DiT, SparseDiT and diffusers state dicts."""
+record one: the original DiT, SparseDiT and diffusers state dicts (and the original PixArt's, which shares them)."""
 import math
 import re
 
@@ -29,22 +29,22 @@ def common_config(state: State, overrides: dict, tokens: int) -> dict:
     num_classes, dropout = _num_classes(shape(state, "y_embedder.embedding_table.weight")[0], overrides)
     fc1 = next((v for k, v in state.items() if k.endswith("mlp.fc1.weight")), None)
     return dict(
-        input_size=_input_size(tokens, patch, overrides), patch_size=patch, in_channels=in_channels,
-        hidden_size=hidden, num_heads=_heads(hidden, overrides),
+        input_size=input_size(tokens, patch, overrides), patch_size=patch, in_channels=in_channels,
+        hidden_size=hidden, num_heads=heads(hidden, overrides),
         mlp_ratio=fc1.shape[0] / hidden if fc1 is not None else 4.0,
         num_classes=num_classes, class_dropout_prob=dropout, learn_sigma=out_channels == 2 * in_channels,
         timestep_freq_shift=int(overrides.get("timestep_freq_shift", 0)),
     )
 
 
-def _heads(hidden: int, overrides: dict) -> int:
-    heads = overrides.get("num_heads") or HEADS_BY_HIDDEN.get(hidden)
-    if heads is None:
-        raise FlexDiTError(f"hidden size {hidden} is not a standard DiT size, so the number of heads is unknown; "
+def heads(hidden: int, overrides: dict) -> int:
+    n = overrides.get("num_heads") or HEADS_BY_HIDDEN.get(hidden)
+    if n is None:
+        raise FlexDiTError(f"hidden size {hidden} is not a standard size, so the number of heads is unknown; "
                            "pass num_heads= (--num-heads)")
-    if hidden % heads:
-        raise FlexDiTError(f"num_heads={heads} does not divide the hidden size {hidden}; pass a divisor")
-    return heads
+    if hidden % n:
+        raise FlexDiTError(f"num_heads={n} does not divide the hidden size {hidden}; pass a divisor")
+    return n
 
 
 def _num_classes(rows: int, overrides: dict) -> tuple[int, float]:
@@ -60,7 +60,7 @@ def _num_classes(rows: int, overrides: dict) -> tuple[int, float]:
                        f"(expected {n} or {n + 1} with the null class)")
 
 
-def _input_size(tokens: int, patch: int, overrides: dict) -> tuple[int, int]:
+def input_size(tokens: int, patch: int, overrides: dict) -> tuple[int, int]:
     size = overrides.get("input_size")
     if size is not None:
         h, w = (size, size) if isinstance(size, int) else tuple(size)

@@ -5,10 +5,12 @@ import re
 
 from flexdit.checkpoints.files import Source, State
 from flexdit.errors import FlexDiTError
-from flexdit.models.dit import SAVED_CONFIG_KEY, DiTConfig
+from flexdit.models.core import SAVED_CONFIG_KEY, SAVED_FAMILY_KEY, BackboneConfig
+from flexdit.models.families import config_from_dict
 
 NAME = "flexdit"
 TRAINING_CONFIG_KEY = "model_config"  # flexdit.training.trainer's checkpoints
+TRAINING_FAMILY_KEY = "model_family"
 
 
 def matches(source: Source) -> bool:
@@ -21,11 +23,12 @@ def matches(source: Source) -> bool:
     return False
 
 
-def build(source: Source, overrides: dict) -> tuple[State, DiTConfig, list[str]]:
+def build(source: Source, overrides: dict) -> tuple[State, BackboneConfig, list[str]]:
     try:
         saved = json.loads(_saved_config(source))
     except json.JSONDecodeError as e:
         raise FlexDiTError(f"the flexdit config in {source.path} is not valid JSON ({e})") from None
+    family = source.metadata.get(SAVED_FAMILY_KEY) or source.metadata.get(TRAINING_FAMILY_KEY) or "dit"
     if not isinstance(saved, dict):
         raise FlexDiTError(f"the flexdit config in {source.path} is a JSON {type(saved).__name__}, not an object")
     for key in ("num_heads", "num_classes", "timestep_freq_shift"):
@@ -37,7 +40,7 @@ def build(source: Source, overrides: dict) -> tuple[State, DiTConfig, list[str]]
         if size != saved.get("input_size"):
             raise FlexDiTError(f"input_size={size} contradicts the checkpoint's input_size={saved.get('input_size')}")
     try:
-        return source.state, DiTConfig.from_dict(saved), []
+        return source.state, config_from_dict(saved, family), []
     except (TypeError, ValueError, KeyError) as e:  # a config edited by hand, or from another program
         raise FlexDiTError(f"the flexdit config in {source.path} is not a valid model config ({e})") from None
 

@@ -12,7 +12,8 @@ from flexdit.distributed import DTYPES, resolve_device, resolve_dtype
 from flexdit.errors import FlexDiTError
 from flexdit.measure.flops import FlopsReport, flops_report
 from flexdit.measure.memory import peak_forward_memory
-from flexdit.models.dit import DiT
+from flexdit.models.core import FlexDiTCore
+from flexdit.models.families import build_model
 from flexdit.sampling import sample
 
 
@@ -36,23 +37,26 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _inputs(model: DiT, batch: int, device: torch.device, dtype: torch.dtype, seed: int = 0):
+def _inputs(model: FlexDiTCore, batch: int, device: torch.device, dtype: torch.dtype,
+            seed: int = 0) -> tuple[tuple[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
+    """((x, t), conditioning kwargs) for one forward of `batch` samples."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, model.in_channels, *model.config.input_size, generator=g).to(device, dtype)
     t = torch.full((batch,), 500, device=device)  # the grid is passed explicitly; t only conditions
-    y = torch.zeros(batch, dtype=torch.long, device=device)
-    return x, t, y
+    condition = {k: v.to(device, dtype if v.is_floating_point() else v.dtype)
+                 for k, v in model.example_condition(batch, g).items()}
+    return (x, t), condition
 
 
-def _time_once(model: DiT, inputs, grid, device: torch.device) -> float:
+def _time_once(model: FlexDiTCore, inputs, grid, device: torch.device) -> float:
     _synchronize(device)
     start = time.perf_counter()
-    model(*inputs, grid=grid)
+    model(*inputs[0], **inputs[1], grid=grid)
     _synchronize(device)
     return time.perf_counter() - start
 
 
-def time_cases(cases: list[tuple[DiT, object]], batch: int, repeats: int, warmup: int, device: torch.device,
+def time_cases(cases: list[tuple[FlexDiTCore, object]], batch: int, repeats: int, warmup: int, device: torch.device,
                dtype: torch.dtype, progress=lambda msg: None) -> list[float]:
     """Median seconds of each (model, grid) case. Rounds alternate over the cases, so that drifts in machine
     speed (frequency scaling, neighbours on a shared host) hit every case alike rather than one model."""
@@ -68,7 +72,7 @@ def time_cases(cases: list[tuple[DiT, object]], batch: int, repeats: int, warmup
     return [statistics.median(ts) for ts in times]
 
 
-def time_sampling(models: dict[str, DiT], labels: list[int], sampler: str, steps: int, cfg_scale: float = 1.0,
+def time_sampling(models: dict[str, FlexDiTCore], labels: list[int], sampler: str, steps: int, cfg_scale: float = 1.0,
                   repeats: int = 3, warmup: int = 1, progress=lambda msg: None) -> dict[str, float]:
     """Median seconds to sample `labels` end to end with each model (same seed, sampler, steps and guidance);
     rounds alternate over the models, as time_cases does. A warm-up round uses 2 steps only."""
@@ -88,23 +92,25 @@ def time_sampling(models: dict[str, DiT], labels: list[int], sampler: str, steps
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def _peak_memory(model: DiT, batch: int, grid, device: torch.device, dtype: torch.dtype, training: bool) -> int:
-    x, t, y = _inputs(model, batch, device, dtype)
+def _peak_memory(model: FlexDiTCore, batch: int, grid, device: torch.device, dtype: torch.dtype,
+                 training: bool) -> int:
+    (x, t), condition = _inputs(model, batch, device, dtype)
     if training:
         model.requires_grad_(True)
     try:
-        return peak_forward_memory(lambda: model(x, t, y, grid=grid), [x, t, y], model, training)
+        return peak_forward_memory(lambda: model(x, t, **condition, grid=grid), [x, t, *condition.values()], model,
+                                   training)
     finally:
         model.requires_grad_(False)
 
 
-def _grids(report: FlopsReport, model: DiT) -> dict[str, tuple[int, int] | None]:
+def _grids(report: FlopsReport, model: FlexDiTCore) -> dict[str, tuple[int, int] | None]:
     if not model.layout.has_sparse_tokens:
         return {name: None for name in report.steps_per_grid}
     return {name: tuple(map(int, name.split("x"))) for name in report.steps_per_grid}
 
 
-def bench(flex: DiT, timesteps: list[int], device: str | None = "cpu", dtype: str = "auto", batch: int = 1,
+def bench(flex: FlexDiTCore, timesteps: list[int], device: str | None = "cpu", dtype: str = "auto", batch: int = 1,
           repeats: int = 5, warmup: int = 2, compile: bool = False, progress=lambda msg: None) -> dict:
     """Dense vs FlexDiT of flex's size: GFLOPs, ms per forward, images/s, peak memory, speedup. dtype "auto" is
     bf16 where the device runs it natively, else fp32 (the result's "dtype" says which)."""
@@ -114,7 +120,7 @@ def bench(flex: DiT, timesteps: list[int], device: str | None = "cpu", dtype: st
     dev = resolve_device(device)
     dtype = resolve_dtype(dtype, dev)
     torch_dtype = DTYPES[dtype]
-    models = {"dense": DiT(flex.config.dense()), "flexdit": flex}
+    models = {"dense": build_model(flex.config.dense()), "flexdit": flex}
     reports, cases = {}, []
     for name, model in models.items():
         model.to(dev, torch_dtype).eval().requires_grad_(False)
@@ -138,7 +144,7 @@ def bench(flex: DiT, timesteps: list[int], device: str | None = "cpu", dtype: st
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "dtype": dtype, "batch": batch, "repeats": repeats, "compile": compile,
         "dense": d.to_dict(), "flexdit": f.to_dict(),
-        "speedup": d.ms / f.ms, "flops_ratio": d.gflops / f.gflops,
+        "speedup": d.ms / f.ms, "flops_ratio": d.gflops / f.gflops, "saving": 1 - f.gflops / d.gflops,
         "memory_ratio": d.peak_memory_bytes / max(1, f.peak_memory_bytes),
         "training_memory_ratio": d.training_memory_bytes / max(1, f.training_memory_bytes),
         "steps_per_grid": reports["flexdit"].steps_per_grid,

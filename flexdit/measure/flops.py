@@ -1,7 +1,8 @@
 """FLOPs accounting, one convention everywhere (DESIGN.md):
 
 multiply-adds (MACs) of one forward pass for one image, every matmul included (linear layers, the patch
-convolution, attention's Q K^T and A V), classifier-free-guidance doubling and the VAE excluded.
+convolution, attention's Q K^T and A V; for PixArt the caption projection and cross-attention over 120 caption
+tokens), classifier-free-guidance doubling, the VAE and the text encoder excluded.
 Elementwise work (norms, activations, softmax, pooling, upsampling) is not counted, as in the DiT paper
 (DiT-XL/2: 118.6 G at 256 px, 525 G at 512 px).
 
@@ -11,7 +12,8 @@ tiny models, so they describe the code that runs.
 from dataclasses import dataclass
 
 from flexdit.errors import FlexDiTError
-from flexdit.models.dit import DiT, DiTConfig
+from flexdit.models.core import BackboneConfig, FlexDiTCore
+from flexdit.models.pixart import PixArtConfig
 from flexdit.nn.blocks import DENSE, GEN, POOL, RECOVER, SPARSE
 from flexdit.nn.density import Grid
 from flexdit.schedule import Density, density_from_dict
@@ -23,32 +25,48 @@ def _attention(C: int, queries: int, keys: int) -> int:
     return 2 * queries * keys * C  # Q K^T and A V over all heads
 
 
-def block_macs(kind: str, C: int, mlp_hidden: int, N: int, M: int) -> int:
-    """MACs of one block: N dense tokens, M sparse tokens (the SDTM's grid)."""
-    adaln = 6 * C * C
+def block_macs(kind: str, C: int, mlp_hidden: int, N: int, M: int, adaln: bool = True, caption_tokens: int = 0) -> int:
+    """MACs of one block: N dense tokens, M sparse tokens (the SDTM's grid). `adaln`: the block's own adaLN-Zero
+    linear (DiT; PixArt's blocks add a shared vector to a table instead). `caption_tokens` L > 0: PixArt's caption
+    cross-attention after the mixer, on the tokens the block holds (q, proj), the caption (k, v) and their scores."""
+    own = 6 * C * C if adaln else 0
     if kind in (DENSE, SPARSE):
         n = N if kind == DENSE else M
-        return adaln + 4 * C * C * n + _attention(C, n, n) + 2 * C * mlp_hidden * n
-    if kind == POOL:  # v and proj act on the mean token only (O(N) mixer); the MLP on every token
-        return adaln + 2 * C * C + 2 * C * mlp_hidden * N
-    if kind == GEN:  # sparse queries over dense keys/values
-        return adaln + C * C * M + 2 * C * C * N + _attention(C, M, N) + C * C * M + 2 * C * mlp_hidden * M
-    if kind == RECOVER:  # merge (W1 on sparse before upsampling, W2 on dense), dense queries over sparse k/v
-        return adaln + C * C * M + C * C * N + C * C * N + 2 * C * C * M + _attention(C, N, M) + C * C * N \
+        mixer = 4 * C * C * n + _attention(C, n, n) + 2 * C * mlp_hidden * n
+    elif kind == POOL:  # v and proj act on the mean token only (O(N) mixer); the MLP on every token
+        n, mixer = N, 2 * C * C + 2 * C * mlp_hidden * N
+    elif kind == GEN:  # sparse queries over dense keys/values
+        n, mixer = M, C * C * M + 2 * C * C * N + _attention(C, M, N) + C * C * M + 2 * C * mlp_hidden * M
+    elif kind == RECOVER:  # merge (W1 on sparse before upsampling, W2 on dense), dense queries over sparse k/v
+        n = N
+        mixer = C * C * M + C * C * N + C * C * N + 2 * C * C * M + _attention(C, N, M) + C * C * N \
             + 2 * C * mlp_hidden * N
-    raise ValueError(f"unknown block kind {kind!r}")
+    else:
+        raise ValueError(f"unknown block kind {kind!r}")
+    L = caption_tokens
+    cross = 2 * C * C * n + 2 * C * C * L + _attention(C, n, L) if L else 0
+    return own + mixer + cross
 
 
-def model_macs(config: DiTConfig, sparse_grid: Grid | None = None) -> int:
-    """MACs of one forward pass of one image at one sparse grid (ignored by dense layouts)."""
+def model_macs(config: BackboneConfig, sparse_grid: Grid | None = None) -> int:
+    """MACs of one forward pass of one image at one sparse grid (ignored by dense layouts); PixArt with a caption
+    of config.caption_length tokens (120, as the paper counts)."""
     C, p = config.hidden_size, config.patch_size
     gh, gw = config.token_grid
     N = gh * gw
     M = sparse_grid[0] * sparse_grid[1] if sparse_grid is not None else N
     mlp_hidden = int(C * config.mlp_ratio)
-    embed = N * C * config.in_channels * p * p + FREQUENCY_EMBEDDING_SIZE * C + C * C
-    final = 2 * C * C + N * C * p * p * config.out_channels
-    return embed + sum(block_macs(kind, C, mlp_hidden, N, M) for kind in config.layout) + final
+    embed = N * C * config.in_channels * p * p + FREQUENCY_EMBEDDING_SIZE * C + C * C  # patches, timestep MLP
+    head = N * C * p * p * config.out_channels
+    if isinstance(config, PixArtConfig):
+        L = config.caption_length
+        embed += 6 * C * C + L * (config.caption_channels * C + C * C)  # adaLN-single's t_block, caption MLP
+        if config.micro_conditions:  # h, w and h/w, each through a timestep MLP of width C / 3
+            embed += 3 * (FREQUENCY_EMBEDDING_SIZE * (C // 3) + (C // 3) ** 2)
+        blocks = sum(block_macs(kind, C, mlp_hidden, N, M, adaln=False, caption_tokens=L) for kind in config.layout)
+        return embed + blocks + head
+    head += 2 * C * C  # DiT's final adaLN
+    return embed + sum(block_macs(kind, C, mlp_hidden, N, M) for kind in config.layout) + head
 
 
 @dataclass
@@ -71,11 +89,11 @@ def grid_name(grid: Grid) -> str:
     return f"{grid[0]}x{grid[1]}"
 
 
-def flops_report(model_or_config: DiT | DiTConfig, timesteps: list[int], density: Density | None = None) -> FlopsReport:
+def flops_report(model_or_config: FlexDiTCore | BackboneConfig, timesteps: list[int], density: Density | None = None) -> FlopsReport:
     """Average GFLOPs over the timesteps a sampler visits, and the figure of each grid used."""
-    config = model_or_config.config if isinstance(model_or_config, DiT) else model_or_config
+    config = model_or_config.config if isinstance(model_or_config, FlexDiTCore) else model_or_config
     if density is None:
-        density = model_or_config.density if isinstance(model_or_config, DiT) else density_from_dict(config.density)
+        density = model_or_config.density if isinstance(model_or_config, FlexDiTCore) else density_from_dict(config.density)
     dense = model_macs(config.dense())
     if GEN not in config.layout:
         g = dense / 1e9 if all(k == DENSE for k in config.layout) else model_macs(config) / 1e9

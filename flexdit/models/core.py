@@ -10,6 +10,8 @@ The core supplies what is the same for all of them:
   each group run through `forward_grid` (the compiled one after `compile_grids`) and the outputs put back in order.
 - `compile_grids`: shapes are static per grid, so `torch.compile` compiles each grid once.
 """
+import json
+import os
 from dataclasses import asdict, replace
 from typing import Callable
 
@@ -18,12 +20,15 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from flexdit.errors import FlexDiTError
+from flexdit.io import save_safetensors
 from flexdit.models.layout import Layout
 from flexdit.nn.blocks import GEN, RECOVER
 from flexdit.nn.density import Grid, pool_tokens
 from flexdit.schedule import Density, FixedGrid
 
 # call(block, tokens, context, grids) -> tokens: how a backbone runs one of its blocks with its own conditioning
+SAVED_CONFIG_KEY = "flexdit_config"  # the safetensors metadata entry `save` writes the config to
+SAVED_FAMILY_KEY = "flexdit_family"  # ... and the backbone family ("dit" when absent: files of flexdit 0.1)
 BlockCall = Callable[[nn.Module, torch.Tensor, torch.Tensor | None, tuple[Grid, Grid] | None], torch.Tensor]
 
 
@@ -84,6 +89,7 @@ class BackboneConfig:
 
 class FlexDiTCore(nn.Module):
     """Token-density control over a backbone's blocks; see the module docstring."""
+    FAMILY: str  # the backbone's name in our files and in flexdit.models.families
 
     def _init_core(self, layout: Layout, density: Density | None, token_grid: tuple[int, int]) -> None:
         self.layout = layout
@@ -97,8 +103,23 @@ class FlexDiTCore(nn.Module):
     def is_flexdit(self) -> bool:
         return not self.layout.is_dense
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write our format: safetensors with the family and JSON config in its metadata (atomically); flexdit.load
+        reads it."""
+        metadata = {"format": "flexdit", SAVED_FAMILY_KEY: self.FAMILY,
+                    SAVED_CONFIG_KEY: json.dumps(self.config.to_dict())}
+        save_safetensors(path, self.state_dict(), metadata)
 
     def with_density(self, density: Density | None) -> "FlexDiTCore":
         """Set the density used when forward() is not given a grid (and the config's record of it); returns self."""

@@ -3,8 +3,6 @@
 Structure and parameter names follow facebookresearch/DiT's models.py, so the all-dense layout is
 the original DiT and its checkpoints load as they are.
 """
-import json
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -12,7 +10,6 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from flexdit.errors import FlexDiTError
-from flexdit.io import save_safetensors
 from flexdit.models.core import BackboneConfig, FlexDiTCore
 from flexdit.models.layout import Layout
 from flexdit.nn.blocks import Block, FinalLayer
@@ -25,7 +22,6 @@ SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 
 PATCH_SIZES = (2, 4, 8)
 HEADS_BY_HIDDEN = {hidden: heads for _, hidden, heads in SIZES.values()}
 DEFAULT_DENSITY = DensitySchedule(0.61, 0.86)  # the paper's main setting at 256 and 512 px
-SAVED_CONFIG_KEY = "flexdit_config"  # the safetensors metadata entry `save` writes the config to
 
 
 @dataclass
@@ -54,6 +50,8 @@ class DiTConfig(BackboneConfig):
 class DiT(FlexDiTCore):
     """Class-conditional diffusion transformer over a token grid, with any layout of dense, pooling and sparse
     blocks (adaLN-Zero conditioning on timestep + class)."""
+    FAMILY = "dit"
+    GUIDED_CHANNELS = 3  # classifier-free guidance of the first three channels, as the original DiT samples
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -97,10 +95,33 @@ class DiT(FlexDiTCore):
     def has_null_class(self) -> bool:
         return self.y_embedder.has_null_class
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write our format: safetensors with the JSON config in its metadata (atomically); flexdit.load reads it."""
-        metadata = {"format": "flexdit", SAVED_CONFIG_KEY: json.dumps(self.config.to_dict())}
-        save_safetensors(path, self.state_dict(), metadata)
+    @property
+    def can_guide(self) -> bool:
+        return self.has_null_class
+
+    def prepare_condition(self, labels: torch.Tensor | list[int] | dict) -> dict[str, torch.Tensor]:
+        """Class ids (or {"y": ids}) -> forward()'s conditioning {"y": (B,) long}, each id within the model's
+        classes (checked before any tensor conversion, so a huge id is an error, not an overflow)."""
+        labels = labels["y"] if isinstance(labels, dict) else labels
+        ids = [int(c) for c in (labels.flatten().tolist() if isinstance(labels, torch.Tensor) else labels)]
+        n = self.config.num_classes
+        bad = [c for c in ids if not 0 <= c < n]
+        if bad:
+            raise FlexDiTError(f"unknown class id {bad[0]}; this model has classes 0..{n - 1}")
+        return {"y": torch.tensor(ids, dtype=torch.long)}
+
+    def guidance_condition(self, condition: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The conditional batch followed by its unconditional twin (the null class), for guidance."""
+        y = condition["y"]
+        return {"y": torch.cat([y, torch.full_like(y, self.config.num_classes)])}
+
+    def dropped_condition(self, condition: dict[str, torch.Tensor], drop: torch.Tensor, null=None) -> dict:
+        """Training's condition dropout: the null class where drop (B,) is True."""
+        return {"y": torch.where(drop, self.config.num_classes, condition["y"])}
+
+    def example_condition(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Conditioning keyword arguments of forward() for `batch` samples (benchmarks, memory probes)."""
+        return {"y": torch.randint(0, self.config.num_classes, (batch,), generator=generator)}
 
     # --- forward ------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, grid: Grid | None = None) -> torch.Tensor:

@@ -93,6 +93,9 @@ def pixart_config(image_size: int = 512, layout: str | Layout | None = None, den
 class PixArt(FlexDiTCore):
     """Text-conditional diffusion transformer (PixArt-alpha) over a token grid, with any layout of dense, pooling and
     sparse blocks: adaLN-single on the timestep (+ size micro-conditions), cross-attention to T5 caption tokens."""
+    FAMILY = "pixart"
+    GUIDED_CHANNELS = None  # every noise channel is guided, as diffusers' pipeline and PixArt's DPM-Solver path do
+    CAPTION_KEYS = ("caption", "caption_mask", "negative_caption", "negative_caption_mask")
 
     def __init__(self, config: PixArtConfig):
         super().__init__()
@@ -157,6 +160,79 @@ class PixArt(FlexDiTCore):
             raise FlexDiTError("this PixArt has no learned null caption (diffusers checkpoints carry none); "
                                "use the T5 encoding of the empty prompt with its mask, as diffusers' pipeline does")
         return null[None].expand(batch_size, *null.shape)
+
+    @property
+    def can_guide(self) -> bool:
+        return self.config.learned_null_caption  # without it, guidance needs a negative caption per sample
+
+    def prepare_condition(self, condition: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Captions -> forward()'s conditioning, batch first: "caption" (B, L, C) and optional "caption_mask" (B, L);
+        optional "negative_caption" / "negative_caption_mask" (B, L', C) / (B, L'), the unconditional input of
+        guidance instead of the learned null caption (e.g. T5 of ""); the 1024-MS form's "resolution" (B, 2) and
+        "aspect_ratio" (B,) default to the model's own size (latent side x 8 pixels)."""
+        if not isinstance(condition, dict) or "caption" not in condition:
+            raise FlexDiTError("a PixArt is conditioned on captions: give {'caption': (B, L, C) T5 embeddings, "
+                               "'caption_mask': (B, L)} (flexdit sample --prompt with --text-encoder)")
+        unknown = sorted(set(condition) - set(self.CAPTION_KEYS) - {"resolution", "aspect_ratio"})
+        if unknown:
+            raise FlexDiTError(f"unknown caption condition {unknown[0]!r}; known: {', '.join(self.CAPTION_KEYS)}, "
+                               "resolution, aspect_ratio")
+        out = {k: torch.as_tensor(v) for k, v in condition.items() if v is not None}
+        B, C = out["caption"].shape[0], self.config.caption_channels
+        for key in ("caption", "negative_caption"):
+            if key in out and (out[key].dim() != 3 or out[key].shape[0] != B or out[key].shape[2] != C):
+                raise FlexDiTError(f"{key} of shape {tuple(out[key].shape)} does not fit the model; expected "
+                                   f"(B={B}, L, {C}) T5 embeddings")
+            if f"{key}_mask" in out and tuple(out[f"{key}_mask"].shape) != tuple(out[key].shape[:2]):
+                raise FlexDiTError(f"{key}_mask of shape {tuple(out[f'{key}_mask'].shape)} does not match the "
+                                   f"{key}'s (B, L) = {tuple(out[key].shape[:2])}")
+        if self.config.micro_conditions:
+            h, w = self.config.input_size
+            out.setdefault("resolution", torch.tensor([[8.0 * h, 8.0 * w]]).expand(B, 2))
+            out.setdefault("aspect_ratio", torch.full((B,), h / w))
+        return out
+
+    def guidance_condition(self, condition: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The conditional batch followed by its unconditional twin, for guidance: the negative caption if given,
+        else the learned null caption; captions of different lengths are padded under their masks."""
+        caption, mask = condition["caption"], condition.get("caption_mask")
+        B = caption.shape[0]
+        if "negative_caption" in condition:
+            null, null_mask = condition["negative_caption"], condition.get("negative_caption_mask")
+        else:
+            null, null_mask = self.null_caption(B).to(caption), None
+        L = max(caption.shape[1], null.shape[1])
+        captions, masks = zip(*(_padded(c, m, L) for c, m in ((caption, mask), (null, null_mask))))
+        doubled = {"caption": torch.cat(captions), "caption_mask": torch.cat(masks)}
+        doubled.update({k: torch.cat([condition[k]] * 2) for k in ("resolution", "aspect_ratio") if k in condition})
+        return doubled
+
+    def dropped_condition(self, condition: dict[str, torch.Tensor], drop: torch.Tensor,
+                          null: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Training's caption dropout: where drop (B,) is True the caption becomes the null caption, the learned one
+        (as PixArt-alpha trains) or `null` = (embedding (L', C), mask (L',)), e.g. T5 of the empty prompt for a
+        model without one; padded under the masks to a common length."""
+        caption, mask = condition["caption"], condition.get("caption_mask")
+        B = caption.shape[0]
+        if null is None:
+            null_caption, null_mask = self.null_caption(B).to(caption), None
+        else:
+            null_caption, null_mask = null[0].to(caption)[None].expand(B, -1, -1), null[1][None].expand(B, -1)
+        L = max(caption.shape[1], null_caption.shape[1])
+        (caption, mask), (null_caption, null_mask) = _padded(caption, mask, L), _padded(null_caption, null_mask, L)
+        keep = ~drop.to(caption.device)
+        return {**condition, "caption": torch.where(keep[:, None, None], caption, null_caption),
+                "caption_mask": torch.where(keep[:, None], mask, null_mask)}
+
+    def example_condition(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Conditioning keyword arguments of forward() for `batch` samples (benchmarks, memory probes): a random
+        caption of caption_length tokens (120: the length the FLOPs count), 1024 px micro-conditions."""
+        c = self.config
+        condition = {"caption": torch.randn(batch, c.caption_length, c.caption_channels, generator=generator)}
+        if c.micro_conditions:
+            side = 8.0 * c.input_size[0]
+            condition.update(resolution=torch.full((batch, 2), side), aspect_ratio=torch.ones(batch))
+        return condition
 
     # --- forward ------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, t: torch.Tensor, caption: torch.Tensor,
@@ -232,6 +308,15 @@ class PixArt(FlexDiTCore):
         if tuple(resolution.shape) != (B, 2) or aspect_ratio.numel() != B:
             raise FlexDiTError(f"resolution must have shape ({B}, 2) and aspect_ratio ({B},), got "
                                f"{tuple(resolution.shape)} and {tuple(aspect_ratio.shape)}")
+
+
+def _padded(caption: torch.Tensor, mask: torch.Tensor | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, C) caption and (B, L) mask (None: all tokens) -> both padded to `length` tokens, padding masked."""
+    B, L, C = caption.shape
+    mask = torch.ones(B, L, dtype=torch.long, device=caption.device) if mask is None else mask.long()
+    if L == length:
+        return caption, mask
+    return torch.cat([caption, caption.new_zeros(B, length - L, C)], 1), torch.cat([mask, mask.new_zeros(B, length - L)], 1)
 
 
 # --- diffusers interop ------------------------------------------------------------------------------

@@ -27,6 +27,8 @@ IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC = 2051, 2049
 FASHION_MNIST_SIDE, FASHION_MNIST_PADDED, FASHION_MNIST_CLASSES = 28, 32, 10
+FASHION_MNIST_CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                             "Bag", "Ankle boot")  # in label order
 SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "I64": np.int64}
 SHARD_DTYPES = {"latents": np.float16, "labels": np.int64, "latents_flip": np.float16}  # as extract-latents writes
 
@@ -39,6 +41,7 @@ class TrainData(ABC):
     sample where True; sources with can_flip False refuse it.
     """
     num_classes: int
+    class_names: list[str] | None = None  # in label order, where the source names its classes
     sample_shape: tuple[int, int, int]  # (C, H, W)
     can_flip: bool = True
     vae_path: str | None = None  # the VAE that turns x into images; None for pixel space
@@ -78,6 +81,7 @@ class LatentsData(TrainData):
             raise FlexDiTError(f"{folder} holds latents scaled by {meta['scale']} but flexdit decodes with "
                                f"{LATENT_SCALE}; extract them again with flexdit extract-latents")
         self.num_classes = int(meta["num_classes"])
+        self.class_names = meta.get("classes")  # the image folder's subfolders, recorded by extract-latents
         self.sample_shape = tuple(int(s) for s in meta["latent_shape"])
         self.can_flip = bool(meta["flip"])
         self.vae_path = meta["vae"]
@@ -249,7 +253,12 @@ class ImageFolderData(TrainData):
     encode_latents) on `device`; a mirrored sample is the mirrored image, encoded. Files are read when a
     batch asks for them, decoded on a thread pool (Pillow releases the GIL while decoding and resizing)."""
 
-    def __init__(self, folder: Path, image_size: int | None, vae: str | None = None, device="cpu"):
+    def __init__(self, folder: Path, image_size: int | None, vae: str | None = None, device="cpu",
+                 labels_only: bool = False):
+        if labels_only:  # the classes and labels, for captions: no crop size, no VAE
+            self.classes, self.paths, labels = scan_image_folder(folder)
+            self.labels, self.num_classes, self.class_names = torch.tensor(labels), len(self.classes), self.classes
+            return
         if image_size is None:
             raise FlexDiTError(f"{folder} is an image folder: give --image-size (the side images are cropped to)")
         if image_size < 1:
@@ -258,6 +267,7 @@ class ImageFolderData(TrainData):
         self.classes, self.paths, labels = scan_image_folder(folder)
         self.labels = torch.tensor(labels, dtype=torch.long)
         self.num_classes = len(self.classes)
+        self.class_names = self.classes
         self.vae = None
         self.sample_shape = (3, image_size, image_size)
         if vae is not None:
@@ -343,6 +353,7 @@ class FashionMNISTData(TrainData):
 
     32 (= 28 + 2 per side) divides by 2, 4 and 8, so the usual patch sizes and pooled grids fit."""
     num_classes = FASHION_MNIST_CLASSES
+    class_names = list(FASHION_MNIST_CLASS_NAMES)
     sample_shape = (1, FASHION_MNIST_PADDED, FASHION_MNIST_PADDED)
 
     def __init__(self, images_path: Path, labels_path: Path, image_size: int | None = None):
@@ -374,8 +385,9 @@ class FashionMNISTData(TrainData):
 
 # --- detection ------------------------------------------------------------------------------------------
 def open_dataset(path: str, image_size: int | None = None, vae: str | None = None, device="cpu",
-                 split: str = "train") -> TrainData:
-    """The data source at `path`, recognised by its contents:
+                 split: str = "train", labels_only: bool = False) -> TrainData:
+    """The data source at `path`, recognised by its contents (`labels_only`: an image folder is opened for its
+    classes and labels only, with no crop size):
 
     meta.json                     -> precomputed latents (image_size, if given, must match; `vae` is not
                                      needed: the folder records its own, see vae_path);
@@ -403,7 +415,7 @@ def open_dataset(path: str, image_size: int | None = None, vae: str | None = Non
         return FashionMNISTData(*found, image_size)
     entries = list(folder.iterdir())
     if any(e.is_dir() for e in entries):
-        return ImageFolderData(folder, image_size, vae, device)
+        return ImageFolderData(folder, image_size, vae, device, labels_only)
     if not entries:
         raise FlexDiTError(f"data folder {folder} is empty; put the images in one subfolder per class")
     if any(e.suffix.lower() in IMAGE_EXTENSIONS for e in entries):

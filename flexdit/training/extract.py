@@ -1,6 +1,7 @@
 """`flexdit extract-latents`: encode an image folder once, so training reads latents instead of running the VAE.
+`flexdit extract-captions`: encode a data source's captions once, so a PixArt trains without its T5 encoder.
 
-The output folder is complete exactly when it has meta.json: shards are written under a temporary name and
+The latents folder is complete exactly when it has meta.json: shards are written under a temporary name and
 renamed into place, and meta.json comes last (an interrupted run leaves no meta.json and may be rerun).
 """
 import json
@@ -14,7 +15,8 @@ from tqdm import tqdm
 
 from flexdit.distributed import resolve_device
 from flexdit.errors import FlexDiTError
-from flexdit.io import TEMP_PREFIX, atomic_write, check_output_folder, remove_stale_temporaries
+from flexdit.io import TEMP_PREFIX, atomic_write, check_output, check_output_folder, remove_stale_temporaries
+from flexdit.text import CaptionTable, TextEncoder, class_captions, extract_captions, read_captions_file
 from flexdit.training.data import (LATENTS_FORMAT, META_FILE, SHARD_NAME, ImageFolderData, encode_latents,
                                    open_dataset, read_meta, shard_files, vae_latent_shape)
 from flexdit.vae import LATENT_SCALE, load_vae
@@ -66,6 +68,33 @@ def extract_latents(images: str, vae: str, out: str, image_size: int, batch: int
             "vae": str(Path(vae).resolve()), "flip": flip, "num_samples": n}
     atomic_write(folder / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
     return meta
+
+
+def extract_data_captions(data: str, text_encoder: str, out: str, template: str = "a photo of a {}",
+                          captions_file: str | None = None, batch: int = 64, device: str = "auto",
+                          progress: bool = True) -> CaptionTable:
+    """The caption table of the data at `data` (as --data takes it), written to `out`: the lines of
+    `captions_file` (one per class in label order, or one per sample in sample order), else `template` filled
+    with each class's name (Fashion-MNIST's, an image folder's subfolders, or those a latents folder recorded).
+    The table also holds the encoded empty prompt, the null caption of models that have no learned one."""
+    check_output(out, source=data)
+    dataset = open_dataset(data, labels_only=True)
+    if captions_file is not None:
+        captions = read_captions_file(captions_file)
+        per = {dataset.num_classes: "class", len(dataset): "sample"}.get(len(captions))
+        if per is None:
+            raise FlexDiTError(f"{captions_file} holds {len(captions)} captions but the data has "
+                               f"{dataset.num_classes} classes and {len(dataset)} samples; write one per class or "
+                               "one per sample")
+    elif dataset.class_names is None:
+        raise FlexDiTError(f"{data} does not name its classes; give --captions-file (one caption per class or "
+                           "per sample)")
+    else:
+        captions, per = class_captions(dataset.class_names, template), "class"
+    encoder = TextEncoder.load(text_encoder, resolve_device(device))
+    table = extract_captions(encoder, captions, per, batch, progress=progress)
+    table.save(out)
+    return table
 
 
 def _check_output(folder: Path, images: str) -> None:

@@ -35,9 +35,14 @@ from flexdit.diffusion.gaussian import GaussianDiffusion
 from flexdit.distributed import DTYPES, Dist, init_from_env, resolve_dtype, shutdown
 from flexdit.errors import FlexDiTError
 from flexdit.io import atomic_write, check_output_folder, remove_stale_temporaries
-from flexdit.models.dit import DiT, DiTConfig, model_config
+from flexdit.models.core import FlexDiTCore
+from flexdit.models.dit import DiT, model_config
+from flexdit.models.families import PIXART_NAMES, config_from_dict
+from flexdit.models.families import build_model as build_family_model
+from flexdit.models.pixart import PixArt
 from flexdit.schedule import NUM_TIMESTEPS, DensitySchedule, TimestepIntervals, parse_density
 from flexdit.sampling import MAX_SEED
+from flexdit.text import CaptionTable
 from flexdit.training.data import TrainData, open_dataset
 
 CHECKPOINT_VERSION = 1
@@ -47,7 +52,7 @@ LR_SCHEDULES = ("constant", "cosine")
 # its cosine learning-rate schedule was drawn over them); every other setting must be the recorded one
 RESUMABLE = ("steps", "out", "device", "dtype", "ckpt_every", "log_every", "keep", "resume", "grad_checkpointing",
              "compile", "fsdp")
-PATH_SETTINGS = ("data", "init", "teacher", "vae")  # recorded absolute, so a resume from another folder matches
+PATH_SETTINGS = ("data", "init", "teacher", "vae", "captions")  # recorded absolute, so a resume from another folder matches
 
 
 @dataclass
@@ -71,7 +76,8 @@ class TrainArgs:
     # the EMA's decay at step s is min(ema, (1 + s) / (10 + s)), so it averages over a tenth of the run so far
     # instead of holding the random initialisation for ~1 / (1 - ema) steps (DiT has no warm-up)
     ema_warmup: bool = False
-    label_dropout: float = 0.1
+    label_dropout: float = 0.1  # the probability of the null class (DiT) or the null caption (PixArt)
+    captions: str | None = None  # a PixArt's caption table (flexdit extract-captions) for the samples of --data
     ckpt_every: int = 500
     log_every: int = 10
     keep: int = 2  # checkpoints kept on disk
@@ -173,7 +179,7 @@ def _finite(tensors) -> bool:
 
 
 # --- model ----------------------------------------------------------------------------------------------
-def build_model(args: TrainArgs, data: TrainData) -> DiT:
+def build_model(args: TrainArgs, data: TrainData) -> FlexDiTCore:
     """The model to train, checked against the data."""
     if (args.init is None) == (args.model is None):
         raise FlexDiTError("give exactly one of --init CKPT (fine-tune) or --model NAME (from scratch)")
@@ -187,6 +193,9 @@ def build_model(args: TrainArgs, data: TrainData) -> DiT:
         layout = args.layout or ("default" if loaded.model.layout.is_dense else None)
         model = retarget(loaded, layout, density).model
     else:
+        if args.model in PIXART_NAMES:
+            raise FlexDiTError("a PixArt is fine-tuned from a pretrained one: give --init PIXART (its .pth, diffusers "
+                               "folder or our file) instead of --model")
         custom = {k: v for k, v in (("hidden_size", args.hidden_size), ("num_heads", args.num_heads)) if v}
         model = DiT(model_config(args.model, (H, W), layout=args.layout, density=density, depth=args.depth,
                                  in_channels=C, num_classes=data.num_classes, class_dropout_prob=args.label_dropout,
@@ -196,12 +205,33 @@ def build_model(args: TrainArgs, data: TrainData) -> DiT:
         raise FlexDiTError(f"the data's samples are {C}x{H}x{W} but the model takes "
                            f"{config.in_channels}x{config.input_size[0]}x{config.input_size[1]}; "
                            "use data of the model's size (image size / VAE) or another model")
-    if data.num_classes > config.num_classes:
+    if isinstance(model, DiT) and data.num_classes > config.num_classes:
         raise FlexDiTError(f"the data has {data.num_classes} classes but the model only {config.num_classes}")
     return model
 
 
-def load_teacher(args: TrainArgs, student: DiT, device: torch.device) -> DiT:
+def open_captions(args: TrainArgs, model: FlexDiTCore, data: TrainData) -> CaptionTable | None:
+    """The caption table of a PixArt's training data, checked against the data and the model (None for a DiT)."""
+    if not isinstance(model, PixArt):
+        if args.captions:
+            raise FlexDiTError("--captions conditions a text-to-image model (PixArt); a class-conditional DiT trains "
+                               "on the data's labels: drop --captions")
+        return None
+    if not args.captions:
+        raise FlexDiTError("a PixArt trains on captions: give --captions TABLE, written by flexdit extract-captions "
+                           "for this --data")
+    table = CaptionTable.load(args.captions)
+    table.check_data(len(data), data.num_classes)
+    if table.channels != model.config.caption_channels:
+        raise FlexDiTError(f"the caption table holds {table.channels}-channel embeddings but the model takes "
+                           f"{model.config.caption_channels} (its T5); extract the captions with the model's encoder")
+    if args.label_dropout > 0 and not model.config.learned_null_caption and table.null is None:
+        raise FlexDiTError("caption dropout needs a null caption: this PixArt has no learned one (a diffusers "
+                           "checkpoint) and the table holds no encoded empty prompt; extract the captions again")
+    return table
+
+
+def load_teacher(args: TrainArgs, student: FlexDiTCore, device: torch.device) -> FlexDiTCore:
     """The frozen model whose outputs the student learns to match; it must predict the same thing."""
     teacher = load_checkpoint(args.teacher, num_heads=args.num_heads).model
     a, b = teacher.config, student.config
@@ -209,14 +239,21 @@ def load_teacher(args: TrainArgs, student: DiT, device: torch.device) -> DiT:
         raise FlexDiTError(f"--teacher {args.teacher} takes {a.in_channels}x{a.input_size[0]}x{a.input_size[1]} "
                            f"(learned sigma: {a.learn_sigma}) but the model {b.in_channels}x{b.input_size[0]}x"
                            f"{b.input_size[1]} (learned sigma: {b.learn_sigma}); use the dense model it came from")
-    if (a.num_classes, teacher.has_null_class) != (b.num_classes, student.has_null_class):
+    if type(teacher) is not type(student):
+        raise FlexDiTError(f"--teacher {args.teacher} is a {teacher.FAMILY} model but the model a {student.FAMILY} "
+                           "one; use the dense model it came from")
+    if isinstance(student, PixArt):
+        if a.caption_channels != b.caption_channels:
+            raise FlexDiTError(f"--teacher {args.teacher} reads {a.caption_channels}-channel captions but the model "
+                               f"{b.caption_channels}; use the dense model it came from")
+    elif (a.num_classes, teacher.has_null_class) != (b.num_classes, student.has_null_class):
         raise FlexDiTError(f"--teacher {args.teacher} has {a.num_classes} classes (null class: "
                            f"{teacher.has_null_class}) but the model {b.num_classes} ({student.has_null_class}); "
                            "use the dense model it came from")
     return teacher.to(device).eval().requires_grad_(False)
 
 
-def timestep_plan(model: DiT, intervals: int) -> TimestepIntervals | None:
+def timestep_plan(model: FlexDiTCore, intervals: int) -> TimestepIntervals | None:
     if model.layout.has_sparse_tokens and isinstance(model.density, DensitySchedule):
         return TimestepIntervals(model.density, intervals)
     return None
@@ -276,7 +313,7 @@ def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def update_ema(ema: DiT, model: DiT, decay: float) -> None:
+def update_ema(ema: FlexDiTCore, model: FlexDiTCore, decay: float) -> None:
     for e, p in zip(ema.parameters(), model.parameters()):
         e.mul_(decay).add_(p.detach(), alpha=1 - decay)
 
@@ -312,7 +349,8 @@ class Trainer:
 
         torch.manual_seed(args.seed)  # only initialisation of models trained from scratch reads the global RNG
         if state is not None:
-            model = DiT(DiTConfig.from_dict(json.loads(state["model_config"])))
+            config = config_from_dict(json.loads(state["model_config"]), state.get("model_family", DiT.FAMILY))
+            model = build_family_model(config)
         else:
             model = build_model(args, self.data)
         self.intervals = timestep_plan(model, args.intervals)
@@ -323,7 +361,8 @@ class Trainer:
             raise FlexDiTError(f"--mix-intervals splits each process's batch of {self.local_batch} into "
                                f"{args.intervals} intervals; use a --batch of at least {args.intervals} per process")
         self.diffusion = GaussianDiffusion(learn_sigma=model.config.learn_sigma)
-        self.null_class = model.config.num_classes if model.has_null_class else None
+        self.captions = open_captions(args, model, self.data)
+        self.drop_condition = args.label_dropout > 0 and (self.captions is not None or model.has_null_class)
         self.teacher = load_teacher(args, model, device) if args.teacher else None
         self.model = model.to(device).train()
         self.ema = deepcopy(self.model).eval().requires_grad_(False)
@@ -383,7 +422,7 @@ class Trainer:
             raise FlexDiTError(f"--resume with settings other than those recorded in {self.resumed_from}: "
                                f"{'; '.join(differ)}; resume with the recorded ones, or choose another --out")
 
-    def _distribute(self, model: DiT):
+    def _distribute(self, model: FlexDiTCore):
         if self.ctx.world_size == 1 or self.fsdp:
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
@@ -424,12 +463,12 @@ class Trainer:
             return self.train_model.no_sync()
         return nullcontext()
 
-    def _losses(self, x, xt, t, y, noise, grid) -> dict:
+    def _losses(self, x, xt, t, condition, noise, grid) -> dict:
         with torch.autocast(self.device.type, dtype=DTYPES[self.dtype], enabled=self.dtype != "fp32"):
-            out = self.train_model(xt, t, y, grid=grid)
+            out = self.train_model(xt, t, **condition, grid=grid)
             if self.teacher is not None:
                 with torch.no_grad():
-                    target = self.teacher(xt, t, y)
+                    target = self.teacher(xt, t, **condition)
         terms = self.diffusion.training_losses(out, x, xt, t, noise)
         terms = {"loss": terms["loss"].mean(), "mse": terms["mse"].mean(),
                  "vb": terms["vb"].mean() if "vb" in terms else torch.zeros(()), "distill": torch.zeros(())}
@@ -445,11 +484,10 @@ class Trainer:
         x, y = self.data.batch(indices, flip)
         parts = self._timestep_parts(g)
         t = torch.cat([part[0] for part in parts])
-        if self.null_class is not None and self.args.label_dropout > 0:
-            drop = torch.rand(len(y), generator=g) < self.args.label_dropout
-            y = torch.where(drop, self.null_class, y)
+        condition = self._condition(indices, y, g)
         noise = torch.randn(x.shape, generator=g)
-        x, y, t, noise = (a.to(self.device) for a in (x, y, t, noise))
+        x, t, noise = (a.to(self.device) for a in (x, t, noise))
+        condition = {k: v.to(self.device) for k, v in condition.items()}
         xt = self.diffusion.q_sample(x, t, noise)
         self.opt.zero_grad(set_to_none=True)
         for group in self.opt.param_groups:  # a pure function of the step, so a resumed run gets it right
@@ -459,7 +497,8 @@ class Trainer:
             part, start = slice(start, start + len(part_t)), start + len(part_t)
             weight = len(part_t) / len(t)
             with self._gradient_sync(i == len(parts) - 1):
-                terms = self._losses(x[part], xt[part], t[part], y[part], noise[part], grid)
+                terms = self._losses(x[part], xt[part], t[part], {k: v[part] for k, v in condition.items()},
+                                     noise[part], grid)
                 loss = terms["loss"] * weight
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             for k in LOGGED:
@@ -477,6 +516,20 @@ class Trainer:
         self.step += 1
         grids = ",".join("x".join(map(str, grid)) if grid else "dense" for _, grid, _ in parts)
         return logged | {"grid": grids, "interval": parts[0][2] if len(parts) == 1 else None}
+
+    def _condition(self, indices: torch.Tensor, labels: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
+        """forward()'s conditioning of the batch: the labels, or their captions (per class or per sample), each
+        replaced by the null class / null caption with probability --label-dropout (guidance)."""
+        if self.captions is None:
+            condition = {"y": labels}
+        else:
+            caption, mask = self.captions.lookup(indices, labels)
+            condition = {"caption": caption, "caption_mask": mask}
+        if not self.drop_condition:
+            return condition
+        drop = torch.rand(len(labels), generator=g) < self.args.label_dropout
+        null = None if self.captions is None or self.model.config.learned_null_caption else self.captions.null
+        return self.model.dropped_condition(condition, drop, null)
 
     def _all_ranks_min(self, values: list[float]) -> list[float]:
         """The minimum of each value over the ranks (a collective: every rank calls it)."""
@@ -565,21 +618,21 @@ class Trainer:
             "model": get_model_state_dict(self.model, options=full), "ema": get_model_state_dict(self.ema, options=full),
             "opt": get_optimizer_state_dict(self.model, self.opt, options=full),
             "log_window": dict(zip((*LOGGED, "count"), self._global_window())),
-            "model_config": json.dumps(self.model.config.to_dict()),
+            "model_config": json.dumps(self.model.config.to_dict()), "model_family": self.model.FAMILY,
             "train_args": json.dumps(recorded_settings(self.args)), "data": data_summary(self.data),
         }
         if self.scaler is not None:
             state["grad_scaler"] = self.scaler.state_dict()
         return state
 
-    def full_ema(self) -> DiT | None:
+    def full_ema(self) -> FlexDiTCore | None:
         """The EMA weights as a plain model; under FSDP gathered onto rank 0 (None on the other ranks)."""
         if not self.fsdp:
             return self.ema
         state = get_model_state_dict(self.ema, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.ctx.is_main:
             return None
-        model = DiT(self.model.config)
+        model = build_family_model(self.model.config)
         model.load_state_dict(state)
         return model.eval()
 
@@ -597,7 +650,7 @@ class Trainer:
         self.ctx.barrier()
         return path
 
-    def run(self) -> DiT | None:
+    def run(self) -> FlexDiTCore | None:
         args = self.args
         if self.ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -630,7 +683,7 @@ class Trainer:
         return ema
 
 
-def train(args: TrainArgs) -> DiT | None:
+def train(args: TrainArgs) -> FlexDiTCore | None:
     """Run training in this process (and its torchrun peers); returns the EMA model (None on FSDP ranks > 0)."""
     ctx, device = init_from_env(args.device)
     try:
