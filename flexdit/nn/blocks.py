@@ -30,11 +30,13 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int):
+    """timm's Mlp: fc1 (dim -> hidden_dim), GELU (tanh), fc2 (hidden_dim -> out_dim, default dim)."""
+
+    def __init__(self, dim: int, hidden_dim: int, out_dim: int | None = None):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim, bias=True)
         self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_dim, dim, bias=True)
+        self.fc2 = nn.Linear(hidden_dim, out_dim or dim, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))

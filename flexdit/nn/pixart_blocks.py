@@ -93,19 +93,6 @@ class T2IFinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class CaptionProjection(nn.Module):
-    """timm's Mlp with out_features = hidden (fc1: C -> D, GELU tanh, fc2: D -> D), under PixArt's names."""
-
-    def __init__(self, in_channels: int, hidden_size: int):
-        super().__init__()
-        self.fc1 = nn.Linear(in_channels, hidden_size, bias=True)
-        self.act = nn.GELU(approximate="tanh")
-        self.fc2 = nn.Linear(hidden_size, hidden_size, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class CaptionEmbedder(nn.Module):
     """(B, L, C) T5 caption embeddings -> (B, L, D); holds the (L0, C) null caption of classifier-free guidance.
 
@@ -115,7 +102,7 @@ class CaptionEmbedder(nn.Module):
 
     def __init__(self, in_channels: int, hidden_size: int, caption_length: int, learned_null_caption: bool = True):
         super().__init__()
-        self.y_proj = CaptionProjection(in_channels, hidden_size)
+        self.y_proj = Mlp(in_channels, hidden_size, hidden_size)  # C -> D -> D, as PixArt's timm Mlp
         null = torch.zeros(caption_length, in_channels) if learned_null_caption else None
         self.register_buffer("y_embedding", null, persistent=True)  # (L0, C); None: not in the state dict
 
