@@ -19,18 +19,18 @@ from flexdit.measure.bench import bench
 from flexdit.measure.flops import flops_report
 from flexdit.models.core import BackboneConfig, FlexDiTCore
 from flexdit.models.families import PIXART_NAMES, build_model, named_config
-from flexdit.models.pixart import PixArt
 from flexdit.models.from_dense import ConversionReport
 from flexdit.models.layout import Layout
 from flexdit.nn.blocks import GEN
 from flexdit.sampling import MAX_SEED, MODEL_DEFAULT, SAMPLERS, check_request, decode, image_grid, plan, sample, select
 from flexdit.schedule import parse_density
 from flexdit.vae import load_vae
+from flexdit.video import decode_video, mp4_available, save_gif, save_mp4, save_png, video_grid
 
 SUMMARY_TIMESTEPS = (0, 249, 500, 750, 999)
 # integer arguments of every command that count something (checked once, at parsing)
 AT_LEAST_ONE = {"num_heads", "depth", "hidden_size", "image_size", "input_size", "sparse_grid", "steps", "batch",
-                "batch_size", "num", "grid_max", "repeats", "per_class", "intervals", "keep", "ckpt_every",
+                "frames", "batch_size", "num", "grid_max", "repeats", "per_class", "intervals", "keep", "ckpt_every",
                 "log_every", "shard_size"}
 AT_LEAST_ZERO = {"warmup", "lr_warmup"}
 ALLOCATION_FAILURES = ("can't allocate memory", "out of memory", "Storage size calculation overflowed")
@@ -46,20 +46,21 @@ AUTO_DTYPE_HELP = ("auto (default): bf16 on a GPU that supports it and on a CPU 
 # --- summaries ------------------------------------------------------------------------------------------
 def model_summary(model: FlexDiTCore) -> dict:
     c = model.config
-    pixart = isinstance(model, PixArt)
     summary = {
-        "family": model.FAMILY, "kind": {(False, False): "DiT", (True, False): "FlexDiT", (False, True): "PixArt",
-                                         (True, True): "FlexDiT-PixArt"}[model.is_flexdit, pixart],
+        "family": model.FAMILY, "kind": _kind(model), "condition": model.condition_kind,
         "input_size": list(c.input_size), "patch_size": c.patch_size, "tokens": model.token_grid[0] * model.token_grid[1],
         "in_channels": c.in_channels, "hidden_size": c.hidden_size, "depth": c.depth, "num_heads": c.num_heads,
         "learn_sigma": c.learn_sigma, "layout": str(model.layout), "parameters": model.num_parameters(),
         "density": c.density,
     }
-    if pixart:
+    if model.condition_kind == "caption":
         summary.update(caption_channels=c.caption_channels, learned_null_caption=c.learned_null_caption,
-                       micro_conditions=c.micro_conditions, interpolation_scale=c.interpolation_scale)
-    else:
+                       micro_conditions=getattr(c, "micro_conditions", False),
+                       interpolation_scale=c.interpolation_scale)
+    elif model.condition_kind == "class":
         summary.update(num_classes=c.num_classes, null_class=model.has_null_class)
+    if hasattr(c, "frames"):
+        summary["frames"] = c.frames
     if model.layout.has_sparse_tokens and model.density is not None:
         summary["grids"] = {t: "x".join(map(str, model.density.grid(t, model.token_grid))) for t in SUMMARY_TIMESTEPS}
     return summary
@@ -87,8 +88,22 @@ def print_summary(summary: dict, conversion: ConversionReport | None = None) -> 
         print(f"  {k:<{width}}  {v}")
 
 
+def _kind(model: FlexDiTCore) -> str:
+    """DiT / FlexDiT, PixArt / FlexDiT-PixArt, Latte / FlexDiT-Latte."""
+    if model.FAMILY == "dit":
+        return "FlexDiT" if model.is_flexdit else "DiT"
+    return ("FlexDiT-" if model.is_flexdit else "") + {"pixart": "PixArt", "latte": "Latte"}[model.FAMILY]
+
+
 def _condition_summary(summary: dict) -> str:
-    if summary["family"] == PixArt.FAMILY:
+    frames = f"{summary['frames']}-frame videos; " if "frames" in summary else ""
+    return frames + _what_conditions(summary)
+
+
+def _what_conditions(summary: dict) -> str:
+    if summary["condition"] == "none":
+        return "unconditional"
+    if summary["condition"] == "caption":
         return (f"captions of {summary['caption_channels']}-channel T5 embeddings"
                 + (", learned null caption" if summary["learned_null_caption"] else "")
                 + (", resolution and aspect-ratio micro-conditions" if summary["micro_conditions"] else ""))
@@ -99,7 +114,7 @@ def _condition_summary(summary: dict) -> str:
 def _load_options(args) -> dict:
     return dict(num_heads=args.num_heads, input_size=args.input_size, sparse_grid=args.sparse_grid,
                 weights=args.weights, timestep_freq_shift=args.timestep_freq_shift,
-                density=args.density, grid=args.grid)
+                density=args.density, grid=args.grid, frames=args.frames)
 
 
 def cmd_info(args) -> None:
@@ -171,6 +186,8 @@ def _target_config(args, flexdit: bool = False) -> BackboneConfig:
     if args.ckpt and (args.model or args.image_size):
         raise FlexDiTError("--ckpt measures the checkpoint's own size; drop --model and --image-size, or drop --ckpt")
     args.model, args.image_size = args.model or "DiT-XL/2", args.image_size or 256
+    if args.ckpt and args.frames:
+        raise FlexDiTError("--frames goes with --model; a checkpoint records its own frames")
     if args.ckpt:
         model = load_checkpoint(args.ckpt, num_heads=args.num_heads).model
         layout = args.layout or ("default" if (flexdit or density is not None) and model.layout.is_dense else None)
@@ -178,7 +195,13 @@ def _target_config(args, flexdit: bool = False) -> BackboneConfig:
     if args.image_size < 8 or args.image_size % 8:
         raise FlexDiTError(f"--image-size {args.image_size} must be a positive multiple of 8 (the VAE's downsampling)")
     layout = args.layout or ("default" if flexdit else None)
-    return named_config(args.model, args.image_size, layout=layout, density=density)
+    return named_config(args.model, args.image_size, layout=layout, density=density, frames=args.frames)
+
+
+def _latent(config: BackboneConfig) -> str:
+    """'32x32', or '16 frames x 32x32' for a video model."""
+    size = f"{config.input_size[0]}x{config.input_size[1]}"
+    return f"{config.frames} frames x {size}" if hasattr(config, "frames") else size
 
 
 def _flexdit_gflops_table(report) -> None:
@@ -192,14 +215,15 @@ def cmd_flops(args) -> None:
     the_plan = plan(args.sampler, args.steps)
     report = flops_report(config, the_plan.timesteps)
     result = {"model": args.ckpt or args.model, "layout": str(Layout(config.layout)), "density": config.density,
-              "input_size": list(config.input_size), "sampler": args.sampler, "steps": the_plan.steps,
+              "input_size": list(config.input_size), "frames": getattr(config, "frames", None),
+              "sampler": args.sampler, "steps": the_plan.steps,
               **report.to_dict()}
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{result['model']}  layout {result['layout']}  latent {config.input_size[0]}x{config.input_size[1]}  "
+    print(f"{result['model']}  layout {result['layout']}  latent {_latent(config)}  "
           f"{args.sampler} {the_plan.steps} steps")
-    print(f"  GFLOPs (multiply-adds, one forward, one image): {report.gflops:.2f}   dense: {report.dense_gflops:.2f}   "
+    print(f"  GFLOPs (multiply-adds, one forward, one sample): {report.gflops:.2f}   dense: {report.dense_gflops:.2f}   "
           f"ratio {report.dense_gflops / report.gflops:.2f}x   saving {100 * report.saving:.1f}%")
     if GEN in config.layout:
         _flexdit_gflops_table(report)
@@ -222,12 +246,13 @@ def cmd_bench(args) -> None:
         result = bench(flex, timesteps, args.device, args.dtype, args.batch, args.repeats, args.warmup, args.compile,
                        progress=progress)
     result.update(model=args.ckpt or args.model, layout=str(flex.layout), density=config.density,
-                  input_size=list(config.input_size), sampler=args.sampler, steps=the_plan.steps)
+                  input_size=list(config.input_size), frames=getattr(config, "frames", None), sampler=args.sampler,
+                  steps=the_plan.steps)
     if args.json:
         print(json.dumps(result, indent=2))
         return
     dtype = result["dtype"] + (" (--dtype auto)" if args.dtype == "auto" else "")
-    print(f"{result['model']}  latent {config.input_size[0]}x{config.input_size[1]}  {result['device']}  {dtype}  "
+    print(f"{result['model']}  latent {_latent(config)}  {result['device']}  {dtype}  "
           f"batch {args.batch}  {'compiled' if args.compile else 'eager'}  median of {args.repeats}")
     print(f"  {'model':<8} {'GFLOPs':>8} {'ms/forward':>11} {'images/s':>9} {'peak MiB':>9} {'train-fwd MiB':>14}")
     for key in ("dense", "flexdit"):
@@ -297,18 +322,26 @@ def _sample_condition(args, model: FlexDiTCore, device: torch.device) -> tuple[o
     text_options = [flag for flag, value in (("--prompt", args.prompt), ("--captions", args.captions),
                                              ("--text-encoder", args.text_encoder),
                                              ("--negative-prompt", args.negative_prompt)) if value is not None]
-    if not isinstance(model, PixArt):
+    if model.condition_kind != "caption":
         if text_options:
-            raise FlexDiTError(f"{text_options[0]} conditions a text-to-image model; this class-conditional DiT "
-                               "takes --classes or --num-samples")
-        labels = _sample_labels(args, model.config.num_classes)
+            takes = "--classes or --num-samples" if model.condition_kind == "class" else "--num-samples only"
+            raise FlexDiTError(f"{text_options[0]} conditions a text-conditional model; this "
+                               f"{'class-conditional' if model.condition_kind == 'class' else 'unconditional'} one "
+                               f"takes {takes}")
+        if model.condition_kind == "none":
+            if args.classes is not None:
+                raise FlexDiTError("--classes conditions a class-conditional model; this unconditional one takes "
+                                   "--num-samples only")
+            labels = [0] * (args.num or 16)
+        else:
+            labels = _sample_labels(args, model.config.num_classes)
         return labels, labels, {}
     if args.classes is not None:
-        raise FlexDiTError("--classes is for class-conditional DiTs; a PixArt takes --prompt (with --text-encoder) "
-                           "or --captions")
+        raise FlexDiTError("--classes is for class-conditional models; a text-conditional one takes --prompt (with "
+                           "--text-encoder) or --captions")
     if (args.prompt is None) == (args.captions is None):
-        raise FlexDiTError("a PixArt samples from captions: give --prompt TEXT (repeatable) with --text-encoder "
-                           "T5_FOLDER, or --captions TABLE (written by flexdit extract-captions)")
+        raise FlexDiTError("a text-conditional model samples from captions: give --prompt TEXT (repeatable) with "
+                           "--text-encoder T5_FOLDER, or --captions TABLE (written by flexdit extract-captions)")
     encoder = None
     if args.text_encoder is not None:
         from flexdit.text import TextEncoder
@@ -345,6 +378,11 @@ def cmd_sample(args) -> None:
     if args.vae == "none" and (args.out or not args.npz):
         raise FlexDiTError("--vae none keeps latents, which only an npz can hold, not a PNG: give --npz PATH "
                            "without --out")
+    if not 0 < args.fps <= 50:
+        raise FlexDiTError(f"--fps {args.fps}: give a frame rate in (0, 50] (GIF frames last whole centiseconds)")
+    if args.mp4 and not mp4_available():
+        raise FlexDiTError("--mp4 needs ffmpeg: pip install imageio-ffmpeg, or put ffmpeg on PATH; or drop --mp4 for "
+                           "GIFs")
     if args.eta != 0 and args.sampler != "ddim":
         raise FlexDiTError(f"--eta is the DDIM noise; the {args.sampler} sampler has none: drop --eta or use "
                            "--sampler ddim")
@@ -387,7 +425,8 @@ def cmd_sample(args) -> None:
                 idx = mine[k:k + args.batch]
                 latents = sample(model, select(condition, idx), args.sampler, the_plan.steps, args.cfg, guided,
                                  args.eta, args.seed, idx, progress=ctx.is_main)
-                results.append(latents.float().cpu() if args.vae == "none" else decode(latents, vae))
+                decoded = decode_video(latents, vae) if latents.dim() == 5 else decode(latents, vae)
+                results.append(latents.float().cpu() if args.vae == "none" else decoded)
                 bar.update(len(idx))
         elapsed = time.perf_counter() - start
         arrays = torch.cat(results).numpy() if args.vae == "none" else np.concatenate(results)
@@ -423,12 +462,16 @@ def _gather_and_write(ctx, args, arrays: np.ndarray, mine: list[int], labels: li
         print(f"wrote {args.npz}: {key} {arrays.dtype} {tuple(arrays.shape)}, "
               + ("prompt ids, prompts" if extra else "labels"))
     if out_png and args.vae != "none":
-        from PIL import Image
-
-        grid = image_grid(arrays[: args.grid_max])
-        image = Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid)
-        atomic_write(out_png, lambda tmp: image.save(tmp, format="PNG"))
-        print(f"wrote {out_png}: a grid of {min(len(arrays), args.grid_max)} images")
+        shown = arrays[: args.grid_max]
+        save_png(video_grid(shown) if shown.ndim == 5 else image_grid(shown), out_png)
+        what = "videos, one per row" if shown.ndim == 5 else "images"
+        print(f"wrote {out_png}: a grid of {len(shown)} {what}")
+        if shown.ndim == 5:  # videos: each also as an animation a person can play
+            save, suffix = (save_mp4, "mp4") if args.mp4 else (save_gif, "gif")
+            stem = out_png[: -len(".png")]
+            for i, video in enumerate(shown):
+                save(video, f"{stem}-{i:03d}.{suffix}", args.fps)
+            print(f"wrote {stem}-000.{suffix} .. {stem}-{len(shown) - 1:03d}.{suffix}: one per video, {args.fps} fps")
 
 
 def cmd_train(args) -> None:
@@ -446,6 +489,7 @@ def _add_load_options(p: argparse.ArgumentParser, density_help: str) -> None:
     p.add_argument("--weights", choices=("ema", "model"), help="training checkpoints: which weights (default ema)")
     p.add_argument("--timestep-freq-shift", type=int, choices=(0, 1),
                    help="1 reproduces diffusers' DiT port exactly (default 0: the original DiT)")
+    p.add_argument("--frames", type=int, help="diffusers Latte folders: frames to run at (original files record it)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--density", metavar="R_MIN,R_MAX", help=density_help)
     group.add_argument("--grid", metavar="G", help="a fixed sparse grid, G or HxW, at every timestep")
@@ -509,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ckpt", help="measure a checkpoint's own config instead of --model")
         p.add_argument("--num-heads", type=int, help="with --ckpt: heads, for non-standard sizes")
         p.add_argument("--layout", help="FlexDiT layout ('default', 'dense' or a spec like 2+4x1-3-1-1+2)")
+        p.add_argument("--frames", type=int, help="video models (Latte-*): frames per sample (default 16)")
         group = p.add_mutually_exclusive_group()
         group.add_argument("--density", metavar="R_MIN,R_MAX", help="temporal schedule (FlexDiT default 0.61,0.86)")
         group.add_argument("--grid", metavar="G", help="a fixed sparse grid, G or HxW")
@@ -548,7 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--out", help="PNG grid (default samples.png unless only --npz is given)")
-    p.add_argument("--grid-max", type=int, default=64, help="at most this many images in the PNG grid")
+    p.add_argument("--grid-max", type=int, default=64, help="at most this many images (videos) in the PNG grid")
+    p.add_argument("--fps", type=float, default=8.0, help="videos: frames per second of the GIF/MP4 of each video")
+    p.add_argument("--mp4", action="store_true", help="videos: MP4 (needs ffmpeg or imageio-ffmpeg) instead of GIF")
     p.add_argument("--npz", help="ADM evaluation npz: arr_0 uint8 NHWC, arr_1 labels")
     p.add_argument("--vae", help="local diffusers AutoencoderKL folder for latent models, or 'none' to keep latents")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -604,6 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, help="--model: a custom depth (e.g. 12)")
     p.add_argument("--image-size", type=int, help="image folders: crop size in pixels")
     p.add_argument("--vae", help="image folders: encode on the fly with this local VAE")
+    p.add_argument("--frames", type=int, help="video data (Latte): frames per video (evenly spaced); an npz file "
+                                              "of videos (N, F, H, W[, C]) is read as video data anyway")
     p.add_argument("--captions", help="PixArt: the caption table of --data (flexdit extract-captions); "
                                       "--label-dropout is then the probability of the null caption")
     p.set_defaults(func=cmd_train)

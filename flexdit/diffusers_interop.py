@@ -51,11 +51,11 @@ class DiffusersTransformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return self.model.dtype
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return self.model.device
 
     def _timesteps(self, timestep, batch: int) -> torch.Tensor:
         """A diffusers timestep (number, 0-d, (1,) or (B,) tensor, int or float) -> (B,) long in 0..T_MAX."""

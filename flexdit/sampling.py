@@ -122,7 +122,7 @@ def sample(model: FlexDiTCore, condition: Condition, sampler: str = "ddpm", step
     B = batch_size(condition)
     indices = list(range(B)) if sample_indices is None else list(sample_indices)
     generators = _sample_generators(seed, indices)
-    shape = (model.in_channels, *model.config.input_size)
+    shape = model.sample_shape
     x = _randn(generators, shape, device, torch.float32)
     inputs = model.guidance_condition(condition) if guided else \
         {k: v for k, v in condition.items() if not k.startswith("negative_")}

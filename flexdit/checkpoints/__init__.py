@@ -7,7 +7,9 @@ Formats read, one module each, told apart by flexdit.checkpoints.detect (from th
   pixart     pixart.py: PixArt-alpha/PixArt-alpha .pth files ({"state_dict": ...}), 256/512 px and 1024-MS;
   sparsedit  sparsedit.py: the FlexDiT/SparseDiT authors' code (poolingformer_blocks, dumbbell_blocks, ...);
   diffusers  diffusers.py: DiTTransformer2DModel folders (or pipeline folders), or their bare state dicts;
-  diffusers-pixart  diffusers_pixart.py: PixArtTransformer2DModel folders (or PixArtAlphaPipeline folders).
+  diffusers-pixart  diffusers_pixart.py: PixArtTransformer2DModel folders (or PixArtAlphaPipeline folders);
+  latte      latte.py: Vchitect/Latte files ({"ema", "model"}), unconditional and class-conditional;
+  diffusers-latte   diffusers_latte.py: LatteTransformer3DModel folders (or LattePipeline folders).
 Nothing here unpickles code: safetensors, or torch.load(weights_only=True).
 """
 import os
@@ -27,7 +29,7 @@ from flexdit.schedule import T_MAX, Density, FixedGrid, parse_density
 
 FORMATS = tuple(fmt.NAME for fmt in detect.FORMATS)
 OVERRIDES = ("num_heads", "input_size", "num_classes", "layout", "density", "grid", "sparse_grid", "weights",
-             "timestep_freq_shift")
+             "timestep_freq_shift", "frames")
 __all__ = ["FORMATS", "OVERRIDES", "LoadedCheckpoint", "dit_state_dict", "load", "load_checkpoint", "retarget",
            "save_model"]
 
@@ -77,7 +79,7 @@ def retarget(loaded: LoadedCheckpoint, layout: Layout | str | None = None,
     """Give a loaded model another layout (a dense model becomes a FlexDiT) and/or another density."""
     model = loaded.model
     if layout is not None:
-        target = layout if isinstance(layout, Layout) else Layout.parse(str(layout), len(model.layout))
+        target = model.parse_layout(layout)
         if target.kinds != model.layout.kinds:
             if not model.layout.is_dense:
                 raise FlexDiTError(f"the checkpoint is a FlexDiT with layout {model.layout}; it cannot take layout "

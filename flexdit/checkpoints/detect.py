@@ -3,13 +3,13 @@
 from pathlib import Path
 from types import ModuleType
 
-from flexdit.checkpoints import diffusers, diffusers_pixart, dit, ours, pixart, sparsedit
+from flexdit.checkpoints import diffusers, diffusers_latte, diffusers_pixart, dit, latte, ours, pixart, sparsedit
 from flexdit.checkpoints.files import Source, check_finite, read_file
 from flexdit.errors import FlexDiTError
 
-# ours first: its files also hold the original key names; PixArt before DiT: its files also hold blocks.* and
-# x_embedder (diffusers' PixArt folders before DiT folders likewise)
-FORMATS = (ours, diffusers_pixart, diffusers, pixart, sparsedit, dit)
+# ours first: its files also hold the original key names; PixArt and Latte before DiT: their files also hold
+# blocks.* and x_embedder (diffusers' Latte folders, which share PixArt's keys, before PixArt's, and both before DiT's)
+FORMATS = (ours, diffusers_latte, diffusers_pixart, diffusers, pixart, latte, sparsedit, dit)
 
 
 def read(path: str, weights: str | None = None) -> Source:
@@ -25,7 +25,7 @@ def detect(source: Source) -> ModuleType:
     fmt = next((fmt for fmt in FORMATS if fmt.matches(source)), None)
     if fmt is None:
         sample = ", ".join(sorted(source.state)[:4])
-        raise FlexDiTError(f"unknown checkpoint key layout (keys start: {sample}); supported: original DiT and "
-                           "PixArt-alpha, SparseDiT/FlexDiT authors' code, diffusers DiTTransformer2DModel and "
-                           "PixArtTransformer2DModel, flexdit")
+        raise FlexDiTError(f"unknown checkpoint key layout (keys start: {sample}); supported: original DiT, "
+                           "PixArt-alpha and Latte, SparseDiT/FlexDiT authors' code, diffusers DiTTransformer2DModel, "
+                           "PixArtTransformer2DModel and LatteTransformer3DModel, flexdit")
     return fmt

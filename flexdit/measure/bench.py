@@ -41,7 +41,7 @@ def _inputs(model: FlexDiTCore, batch: int, device: torch.device, dtype: torch.d
             seed: int = 0) -> tuple[tuple[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
     """((x, t), conditioning kwargs) for one forward of `batch` samples."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, model.in_channels, *model.config.input_size, generator=g).to(device, dtype)
+    x = torch.randn(batch, *model.sample_shape, generator=g).to(device, dtype)
     t = torch.full((batch,), 500, device=device)  # the grid is passed explicitly; t only conditions
     condition = {k: v.to(device, dtype if v.is_floating_point() else v.dtype)
                  for k, v in model.example_condition(batch, g).items()}

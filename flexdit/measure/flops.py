@@ -6,6 +6,10 @@ tokens), classifier-free-guidance doubling, the VAE and the text encoder exclude
 Elementwise work (norms, activations, softmax, pooling, upsampling) is not counted, as in the DiT paper
 (DiT-XL/2: 118.6 G at 256 px, 525 G at 512 px).
 
+For Latte, one video of F frames: each pair's spatial block per frame (N dense or M sparse tokens), its temporal
+block at each of the n token positions the spatial stage holds (n = M inside an SDTM), adaLN once per sample and, in
+the caption form, the caption's keys and values once per sample, as flexdit.nn.latte_blocks runs them.
+
 The counts are closed-form per block kind; tests check them against torch's FlopCounterMode on
 tiny models, so they describe the code that runs.
 """
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 
 from flexdit.errors import FlexDiTError
 from flexdit.models.core import BackboneConfig, FlexDiTCore
+from flexdit.models.latte import LatteConfig
 from flexdit.models.pixart import PixArtConfig
 from flexdit.nn.blocks import DENSE, GEN, POOL, RECOVER, SPARSE
 from flexdit.nn.density import Grid
@@ -48,13 +53,41 @@ def block_macs(kind: str, C: int, mlp_hidden: int, N: int, M: int, adaln: bool =
     return own + mixer + cross
 
 
+def latte_macs(config: LatteConfig, M: int) -> int:
+    """MACs of one Latte video (config.frames frames) at M sparse tokens per frame (N when dense); the caption form
+    with a caption of config.caption_length tokens."""
+    C, p, F, L = config.hidden_size, config.patch_size, config.frames, config.caption_length
+    N = config.token_grid[0] * config.token_grid[1]
+    mlp_hidden = int(C * config.mlp_ratio)
+    captioned = config.conditioning == "caption"
+    embed = F * N * C * config.in_channels * p * p + FREQUENCY_EMBEDDING_SIZE * C + C * C  # patches, timestep MLP
+    head = F * N * C * p * p * config.out_channels
+    if captioned:
+        embed += 6 * C * C + L * (config.caption_channels * C + C * C)  # adaLN-single's t_block, caption MLP
+    else:
+        head += 2 * C * C  # the final adaLN
+    blocks = 0
+    for kind in config.layout:
+        n = M if kind in (GEN, SPARSE) else N  # tokens per frame the spatial block hands to the temporal one
+        spatial = F * block_macs(kind, C, mlp_hidden, N, M, adaln=False)
+        temporal = n * block_macs(DENSE, C, mlp_hidden, F, F, adaln=False)  # over the F frames at each position
+        if captioned:  # q and proj on the frames' tokens; k, v on the caption once per sample
+            spatial += 2 * C * C * F * n + 2 * C * C * L + _attention(C, F * n, L)
+        else:  # each block's own adaLN-Zero linear, once per sample
+            spatial, temporal = spatial + 6 * C * C, temporal + 6 * C * C
+        blocks += spatial + temporal
+    return embed + blocks + head
+
+
 def model_macs(config: BackboneConfig, sparse_grid: Grid | None = None) -> int:
-    """MACs of one forward pass of one image at one sparse grid (ignored by dense layouts); PixArt with a caption
-    of config.caption_length tokens (120, as the paper counts)."""
+    """MACs of one forward pass of one image (a Latte: one video) at one sparse grid (ignored by dense layouts);
+    PixArt with a caption of config.caption_length tokens (120, as the paper counts)."""
     C, p = config.hidden_size, config.patch_size
     gh, gw = config.token_grid
     N = gh * gw
     M = sparse_grid[0] * sparse_grid[1] if sparse_grid is not None else N
+    if isinstance(config, LatteConfig):
+        return latte_macs(config, M)
     mlp_hidden = int(C * config.mlp_ratio)
     embed = N * C * config.in_channels * p * p + FREQUENCY_EMBEDDING_SIZE * C + C * C  # patches, timestep MLP
     head = N * C * p * p * config.out_channels

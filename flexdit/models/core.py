@@ -104,6 +104,11 @@ class FlexDiTCore(nn.Module):
         return not self.layout.is_dense
 
     @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """One sample's input (= noise) shape without the batch: (C, H, W) for images (a video backbone adds F)."""
+        return (self.config.in_channels, *self.config.input_size)
+
+    @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
@@ -113,6 +118,23 @@ class FlexDiTCore(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    @staticmethod
+    def default_layout(depth: int) -> Layout:
+        """The backbone's default FlexDiT layout for `depth` layout entries (Latte has its own)."""
+        return Layout.default_flexdit(depth)
+
+    def parse_layout(self, spec: "str | Layout") -> Layout:
+        """A layout of this model's depth: a Layout, 'dense', 'default' (the backbone's) or a spec."""
+        if isinstance(spec, Layout):
+            return spec
+        depth = len(self.layout)
+        return self.default_layout(depth) if spec.strip() == "default" else Layout.parse(spec, depth)
+
+    @property
+    def condition_kind(self) -> str:
+        """What a sample is conditioned on: "class" (DiT), "caption" (PixArt) or "none" (unconditional Latte)."""
+        return "class"
 
     def save(self, path: str | os.PathLike) -> None:
         """Write our format: safetensors with the family and JSON config in its metadata (atomically); flexdit.load

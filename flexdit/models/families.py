@@ -3,6 +3,7 @@ names the command line takes (DiT-XL/2, FlexDiT-B/4, PixArt-XL/2, ...)."""
 from flexdit.errors import FlexDiTError
 from flexdit.models.core import BackboneConfig, FlexDiTCore
 from flexdit.models.dit import DiT, DiTConfig, model_config
+from flexdit.models.latte import Latte, LatteConfig, latte_config
 from flexdit.models.layout import Layout
 from flexdit.models.pixart import PixArt, PixArtConfig, pixart_config
 from flexdit.schedule import Density
@@ -10,7 +11,9 @@ from flexdit.schedule import Density
 FAMILIES: dict[str, tuple[type[BackboneConfig], type[FlexDiTCore]]] = {
     DiT.FAMILY: (DiTConfig, DiT),
     PixArt.FAMILY: (PixArtConfig, PixArt),
+    Latte.FAMILY: (LatteConfig, Latte),
 }
+DEFAULT_FRAMES = 16  # Latte's released models
 PIXART_NAMES = ("PixArt-XL/2", "FlexDiT-PixArt-XL/2")
 
 
@@ -32,9 +35,14 @@ def config_from_dict(d: dict, family: str = DiT.FAMILY) -> BackboneConfig:
 
 
 def named_config(name: str, image_size: int = 256, layout: str | Layout | None = None,
-                 density: Density | None = None) -> BackboneConfig:
-    """The config of a standard model name at an image size in pixels (latent = image_size / 8). FlexDiT-* names,
-    and any name given a density, take the default FlexDiT layout of their depth unless `layout` says otherwise."""
+                 density: Density | None = None, frames: int | None = None) -> BackboneConfig:
+    """The config of a standard model name at an image size in pixels (latent = image_size / 8), and for video
+    models a number of frames (default 16). FlexDiT-* names, and any name given a density, take the default FlexDiT
+    layout of their depth unless `layout` says otherwise."""
+    if name.removeprefix("FlexDiT-").startswith("Latte"):
+        return latte_config(name, frames or DEFAULT_FRAMES, image_size, layout, density)
+    if frames is not None:
+        raise FlexDiTError(f"--frames applies to video models (Latte-*), not to {name}")
     if name in PIXART_NAMES:
         if layout is None and name.startswith("FlexDiT-"):
             layout = "default"

@@ -52,10 +52,7 @@ def flexdit_from_dense(dense: DiT, layout: Layout | str | None = None,
         raise FlexDiTError(f"the source model is already a FlexDiT (layout {dense.layout}); "
                            "convert from a dense DiT")
     depth = len(dense.layout)
-    if layout is None:
-        layout = Layout.default_flexdit(depth)
-    elif isinstance(layout, str):
-        layout = Layout.parse(layout, depth)
+    layout = dense.parse_layout("default" if layout is None else layout)
     if len(layout) != depth:
         raise FlexDiTError(f"layout {layout} has {len(layout)} blocks but the dense model has {depth}")
     if layout.has_sparse_tokens and density is None:

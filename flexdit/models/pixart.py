@@ -162,6 +162,10 @@ class PixArt(FlexDiTCore):
         return null[None].expand(batch_size, *null.shape)
 
     @property
+    def condition_kind(self) -> str:
+        return "caption"
+
+    @property
     def can_guide(self) -> bool:
         return self.config.learned_null_caption  # without it, guidance needs a negative caption per sample
 

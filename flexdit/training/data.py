@@ -42,7 +42,7 @@ class TrainData(ABC):
     """
     num_classes: int
     class_names: list[str] | None = None  # in label order, where the source names its classes
-    sample_shape: tuple[int, int, int]  # (C, H, W)
+    sample_shape: tuple[int, ...]  # (C, H, W); video sources (training/video_data.py): (C, F, H, W)
     can_flip: bool = True
     vae_path: str | None = None  # the VAE that turns x into images; None for pixel space
     device: torch.device = torch.device("cpu")

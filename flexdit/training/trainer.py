@@ -39,11 +39,11 @@ from flexdit.models.core import FlexDiTCore
 from flexdit.models.dit import DiT, model_config
 from flexdit.models.families import PIXART_NAMES, config_from_dict
 from flexdit.models.families import build_model as build_family_model
-from flexdit.models.pixart import PixArt
 from flexdit.schedule import NUM_TIMESTEPS, DensitySchedule, TimestepIntervals, parse_density
 from flexdit.sampling import MAX_SEED
 from flexdit.text import CaptionTable
 from flexdit.training.data import TrainData, open_dataset
+from flexdit.training.video_data import open_video_dataset
 
 CHECKPOINT_VERSION = 1
 LOGGED = ("loss", "mse", "vb", "distill")  # per-step terms averaged over each log window
@@ -78,6 +78,7 @@ class TrainArgs:
     ema_warmup: bool = False
     label_dropout: float = 0.1  # the probability of the null class (DiT) or the null caption (PixArt)
     captions: str | None = None  # a PixArt's caption table (flexdit extract-captions) for the samples of --data
+    frames: int | None = None  # video data (Latte): frames per video; an npz file of videos is video data anyway
     ckpt_every: int = 500
     log_every: int = 10
     keep: int = 2  # checkpoints kept on disk
@@ -115,7 +116,7 @@ RANGES = (
     ("seed", f"an integer in 0..{MAX_SEED}", lambda v: 0 <= v <= MAX_SEED),
     *((name, "a number of at least 1", lambda v: v >= 1) for name in
       ("steps", "batch", "intervals", "ckpt_every", "log_every", "keep", "depth", "num_heads", "hidden_size",
-       "image_size")),
+       "image_size", "frames")),
 )
 
 
@@ -187,7 +188,6 @@ def build_model(args: TrainArgs, data: TrainData) -> FlexDiTCore:
         raise FlexDiTError("--hidden-size and --depth shape a model trained from scratch (--model); "
                            "--init takes its size from the checkpoint")
     density = parse_density(args.density, args.grid)
-    C, H, W = data.sample_shape
     if args.init:
         loaded = load_checkpoint(args.init, num_heads=args.num_heads)
         layout = args.layout or ("default" if loaded.model.layout.is_dense else None)
@@ -196,30 +196,31 @@ def build_model(args: TrainArgs, data: TrainData) -> FlexDiTCore:
         if args.model in PIXART_NAMES:
             raise FlexDiTError("a PixArt is fine-tuned from a pretrained one: give --init PIXART (its .pth, diffusers "
                                "folder or our file) instead of --model")
+        C, H, W = data.sample_shape
         custom = {k: v for k, v in (("hidden_size", args.hidden_size), ("num_heads", args.num_heads)) if v}
         model = DiT(model_config(args.model, (H, W), layout=args.layout, density=density, depth=args.depth,
                                  in_channels=C, num_classes=data.num_classes, class_dropout_prob=args.label_dropout,
                                  **custom))
     config = model.config
-    if (config.in_channels, *config.input_size) != (C, H, W):
-        raise FlexDiTError(f"the data's samples are {C}x{H}x{W} but the model takes "
-                           f"{config.in_channels}x{config.input_size[0]}x{config.input_size[1]}; "
-                           "use data of the model's size (image size / VAE) or another model")
-    if isinstance(model, DiT) and data.num_classes > config.num_classes:
+    if tuple(model.sample_shape) != tuple(data.sample_shape):
+        raise FlexDiTError(f"the data's samples are {'x'.join(map(str, data.sample_shape))} but the model takes "
+                           f"{'x'.join(map(str, model.sample_shape))}; use data of the model's size (image size / "
+                           "VAE / frames) or another model")
+    if model.condition_kind == "class" and data.num_classes > config.num_classes:
         raise FlexDiTError(f"the data has {data.num_classes} classes but the model only {config.num_classes}")
     return model
 
 
 def open_captions(args: TrainArgs, model: FlexDiTCore, data: TrainData) -> CaptionTable | None:
     """The caption table of a PixArt's training data, checked against the data and the model (None for a DiT)."""
-    if not isinstance(model, PixArt):
+    if model.condition_kind != "caption":
         if args.captions:
-            raise FlexDiTError("--captions conditions a text-to-image model (PixArt); a class-conditional DiT trains "
-                               "on the data's labels: drop --captions")
+            raise FlexDiTError(f"--captions conditions a text-conditional model (PixArt, Latte-1); this "
+                               f"{model.condition_kind} model trains on the data's labels: drop --captions")
         return None
     if not args.captions:
-        raise FlexDiTError("a PixArt trains on captions: give --captions TABLE, written by flexdit extract-captions "
-                           "for this --data")
+        raise FlexDiTError("a text-conditional model trains on captions: give --captions TABLE, written by flexdit "
+                           "extract-captions for this --data")
     table = CaptionTable.load(args.captions)
     table.check_data(len(data), data.num_classes)
     if table.channels != model.config.caption_channels:
@@ -235,14 +236,14 @@ def load_teacher(args: TrainArgs, student: FlexDiTCore, device: torch.device) ->
     """The frozen model whose outputs the student learns to match; it must predict the same thing."""
     teacher = load_checkpoint(args.teacher, num_heads=args.num_heads).model
     a, b = teacher.config, student.config
-    if (a.in_channels, tuple(a.input_size), a.learn_sigma) != (b.in_channels, tuple(b.input_size), b.learn_sigma):
-        raise FlexDiTError(f"--teacher {args.teacher} takes {a.in_channels}x{a.input_size[0]}x{a.input_size[1]} "
-                           f"(learned sigma: {a.learn_sigma}) but the model {b.in_channels}x{b.input_size[0]}x"
-                           f"{b.input_size[1]} (learned sigma: {b.learn_sigma}); use the dense model it came from")
+    if (teacher.sample_shape, a.learn_sigma) != (student.sample_shape, b.learn_sigma):
+        raise FlexDiTError(f"--teacher {args.teacher} takes {'x'.join(map(str, teacher.sample_shape))} (learned "
+                           f"sigma: {a.learn_sigma}) but the model {'x'.join(map(str, student.sample_shape))} "
+                           f"(learned sigma: {b.learn_sigma}); use the dense model it came from")
     if type(teacher) is not type(student):
         raise FlexDiTError(f"--teacher {args.teacher} is a {teacher.FAMILY} model but the model a {student.FAMILY} "
                            "one; use the dense model it came from")
-    if isinstance(student, PixArt):
+    if student.condition_kind == "caption":
         if a.caption_channels != b.caption_channels:
             raise FlexDiTError(f"--teacher {args.teacher} reads {a.caption_channels}-channel captions but the model "
                                f"{b.caption_channels}; use the dense model it came from")
@@ -403,7 +404,10 @@ class Trainer:
 
     def _open_data(self, state: dict | None) -> TrainData:
         args = self.args
-        data = open_dataset(args.data, image_size=args.image_size, vae=args.vae, device=self.device)
+        if args.frames is not None or Path(args.data).is_file():
+            data = open_video_dataset(args.data, args.frames, args.image_size, args.vae, self.device)
+        else:
+            data = open_dataset(args.data, image_size=args.image_size, vae=args.vae, device=self.device)
         if len(data) < args.batch:
             raise FlexDiTError(f"the data holds {len(data)} samples, fewer than one batch of {args.batch}")
         if args.flip and not data.can_flip:
