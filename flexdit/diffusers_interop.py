@@ -8,6 +8,13 @@ The adapter wraps the model (no copy: the pipeline's `.to(...)` moves the model 
 - DiT (DiTPipeline): hidden_states, timestep, class_labels become x, t, y. DiTPipeline hard-codes 1000 as the null
   class of guidance; the adapter maps it to the model's own null class (row num_classes), raises when the model
   has none, and refuses models with more than 1000 classes, where 1000 is a real class.
+- Latte (LattePipeline): hidden_states (B, C, F, H, W), timestep, encoder_hidden_states and an optional
+  encoder_attention_mask become x, t, caption and caption_mask. Only a caption Latte with learned sigma fits: the
+  pipeline always passes T5 embeddings, and keeps the first half of the output channels unless the scheduler learns
+  the variance. Our Latte always runs its temporal blocks, so enable_temporal_attentions=False raises. The pipeline
+  passes no mask; one given may be (B, L) 1 = token / 0 = padding, or an additive bias (B, 1, L) or per frame
+  (B*F, 1, L) (the form diffusers' Latte accepts), 0 = keep and -10000 = discard. Pass the pipeline
+  video_length=frames and height, width = 8 x the latent size: its defaults are 16 frames of 512 px.
 Timesteps (a float, a 0-d or a (B,) tensor, integer or float) become our integers 0..999, rounded. A FlexDiT runs
 as it is: its density picks the grid from each timestep. The output is diffusers' Transformer2DModelOutput, or the
 1-tuple (sample,) with return_dict=False. `config` holds what the pipelines read (sample_size is the latent side the
@@ -19,11 +26,13 @@ import torch.nn as nn
 from flexdit.errors import FlexDiTError
 from flexdit.models.core import FlexDiTCore
 from flexdit.models.dit import DiT
+from flexdit.models.latte import Latte
 from flexdit.models.pixart import PixArt
 from flexdit.schedule import T_MAX
 
 PIPELINE_NULL_CLASS = 1000  # the class id DiTPipeline passes for the unconditional half of guidance
 MICRO_CONDITION_KEYS = ("resolution", "aspect_ratio")
+DISCARD_BIAS = -10000.0  # diffusers' additive-mask value for a padding token; anything at or below it discards
 
 
 def _diffusers():
@@ -156,16 +165,87 @@ class DiffusersDiT(DiffusersTransformer):
         return torch.where(is_null, torch.full_like(labels, self.model.config.num_classes), labels)
 
 
-ADAPTERS: dict[type[FlexDiTCore], type[DiffusersTransformer]] = {PixArt: DiffusersPixArt, DiT: DiffusersDiT}
+class DiffusersLatte(DiffusersTransformer):
+    """A caption Latte with the forward of diffusers' LatteTransformer3DModel (for LattePipeline)."""
+
+    def __init__(self, model: Latte):
+        c = model.config
+        if c.conditioning != "caption":
+            raise FlexDiTError(f"LattePipeline conditions on T5 captions, but this Latte is conditioning="
+                               f"{c.conditioning!r}; sample it with flexdit's own sampler (flexdit sample)")
+        if not c.learn_sigma:
+            raise FlexDiTError("LattePipeline keeps only the first half of the output channels (learned sigma), "
+                               "which would cut this noise-only Latte's prediction; sample it with flexdit's own "
+                               "sampler (flexdit sample)")
+        super().__init__(model, dict(caption_channels=c.caption_channels, cross_attention_dim=c.hidden_size,
+                                     video_length=c.frames))
+
+    def forward(self, hidden_states: torch.Tensor, timestep=None, encoder_hidden_states: torch.Tensor | None = None,
+                encoder_attention_mask: torch.Tensor | None = None, enable_temporal_attentions: bool = True,
+                return_dict: bool = True):
+        """hidden_states (B, C, F, H, W), encoder_hidden_states (B, L, caption_channels), encoder_attention_mask
+        (B, L) 1/0 or an additive bias (B, 1, L) / (B*F, 1, L) -> (B, out_channels, F, H, W) as
+        Transformer2DModelOutput or (sample,)."""
+        # 1. Input
+        if not enable_temporal_attentions:
+            raise FlexDiTError("flexdit's Latte always runs its temporal blocks, so enable_temporal_attentions=False "
+                               "cannot be honoured; leave it True")
+        if encoder_hidden_states is None:
+            raise FlexDiTError("Latte needs encoder_hidden_states, the (B, L, caption_channels) T5 caption "
+                               "embeddings; pass prompt_embeds to the pipeline")
+        self._check_video(hidden_states)
+        B, F = hidden_states.shape[0], hidden_states.shape[2]
+        t = self._timesteps(timestep, B)
+        caption_mask = self._caption_mask(encoder_attention_mask, B, F, encoder_hidden_states.shape[1])
+        # 2. The model
+        sample = self.model(hidden_states, t, caption=encoder_hidden_states, caption_mask=caption_mask)
+        # 3. Output
+        return self._output(sample, return_dict)
+
+    def _check_video(self, hidden_states: torch.Tensor) -> None:
+        """Name the pipeline arguments that set a video's shape when the latents do not fit the model."""
+        c = self.model.config
+        expected = (c.in_channels, c.frames, *c.input_size)
+        if hidden_states.dim() != 5 or tuple(hidden_states.shape[1:]) != expected:
+            H, W = c.input_size
+            raise FlexDiTError(f"latents of shape {tuple(hidden_states.shape)} do not fit this Latte, which runs "
+                               f"(B, {c.in_channels}, {c.frames}, {H}, {W}); pass video_length={c.frames}, "
+                               f"height={8 * H} and width={8 * W} to LattePipeline")
+
+    @staticmethod
+    def _caption_mask(mask: torch.Tensor | None, B: int, F: int, L: int) -> torch.Tensor | None:
+        """diffusers' encoder_attention_mask -> our (B, L) 1 = token, 0 = padding (None: every token)."""
+        if mask is None:
+            return None
+        if tuple(mask.shape) == (B, L):
+            return mask
+        if mask.dim() != 3 or mask.shape[0] not in (B, B * F) or tuple(mask.shape[1:]) != (1, L):
+            raise FlexDiTError(f"encoder_attention_mask of shape {tuple(mask.shape)} does not fit; give (B, L) = "
+                               f"({B}, {L}) with 1 = token, 0 = padding, or an additive bias ({B}, 1, {L}) or "
+                               f"({B * F}, 1, {L}) per frame")
+        bias = mask.reshape(B, -1, L).float()  # (B, 1 or F, L)
+        if not bool(((bias == 0) | (bias <= DISCARD_BIAS)).all()):
+            raise FlexDiTError(f"encoder_attention_mask as a bias must hold 0 (keep) or {DISCARD_BIAS:g} (discard); "
+                               "soft biases cannot be honoured, give a (B, L) 1/0 mask")
+        keep = bias == 0  # (B, 1 or F, L)
+        if not bool((keep == keep[:, :1]).all()):
+            raise FlexDiTError("the per-frame encoder_attention_mask differs between frames of one video, whose "
+                               "frames share one caption; give one (B, L) mask")
+        return keep[:, 0].long()
+
+
+ADAPTERS: dict[type[FlexDiTCore], type[DiffusersTransformer]] = {PixArt: DiffusersPixArt, DiT: DiffusersDiT,
+                                                                 Latte: DiffusersLatte}
 
 
 def to_diffusers(model: FlexDiTCore) -> DiffusersTransformer:
     """A module with diffusers' transformer interface around `model` (shared, not copied): a PixArt for
-    PixArtAlphaPipeline(transformer=...), a DiT for DiTPipeline(transformer=...), dense or FlexDiT."""
+    PixArtAlphaPipeline(transformer=...), a DiT for DiTPipeline(transformer=...), a caption Latte for
+    LattePipeline(transformer=...), dense or FlexDiT."""
     adapter = next((a for cls, a in ADAPTERS.items() if isinstance(model, cls)), None)
     if adapter is None:
-        raise FlexDiTError(f"to_diffusers takes a flexdit DiT or PixArt model, got {type(model).__name__}; "
-                           "load one with flexdit.load")
+        raise FlexDiTError(f"to_diffusers takes a flexdit DiT or PixArt model or a caption Latte, got "
+                           f"{type(model).__name__}; load one with flexdit.load")
     if model.layout.has_sparse_tokens and model.density is None:
         raise FlexDiTError("this FlexDiT has no density schedule, and a pipeline cannot pass a grid; set one with "
                            "model.with_density(...) before to_diffusers")

@@ -38,6 +38,7 @@ from flexdit.io import atomic_write, check_output_folder, remove_stale_temporari
 from flexdit.models.core import FlexDiTCore
 from flexdit.models.dit import DiT, model_config
 from flexdit.models.families import PIXART_NAMES, config_from_dict
+from flexdit.models.latte import latte_config
 from flexdit.models.families import build_model as build_family_model
 from flexdit.schedule import NUM_TIMESTEPS, DensitySchedule, TimestepIntervals, parse_density
 from flexdit.sampling import MAX_SEED
@@ -196,8 +197,10 @@ def build_model(args: TrainArgs, data: TrainData) -> FlexDiTCore:
         if args.model in PIXART_NAMES:
             raise FlexDiTError("a PixArt is fine-tuned from a pretrained one: give --init PIXART (its .pth, diffusers "
                                "folder or our file) instead of --model")
-        C, H, W = data.sample_shape
         custom = {k: v for k, v in (("hidden_size", args.hidden_size), ("num_heads", args.num_heads)) if v}
+        if args.model.removeprefix("FlexDiT-").startswith("Latte"):
+            return _latte_from_scratch(args, data, density, custom)
+        C, H, W = data.sample_shape
         model = DiT(model_config(args.model, (H, W), layout=args.layout, density=density, depth=args.depth,
                                  in_channels=C, num_classes=data.num_classes, class_dropout_prob=args.label_dropout,
                                  **custom))
@@ -209,6 +212,18 @@ def build_model(args: TrainArgs, data: TrainData) -> FlexDiTCore:
     if model.condition_kind == "class" and data.num_classes > config.num_classes:
         raise FlexDiTError(f"the data has {data.num_classes} classes but the model only {config.num_classes}")
     return model
+
+
+def _latte_from_scratch(args: TrainArgs, data: TrainData, density, custom: dict) -> FlexDiTCore:
+    """A class-conditional Latte of a standard (or --hidden-size/--depth/--num-heads) size for video data."""
+    if len(data.sample_shape) != 4:
+        raise FlexDiTError(f"{args.model} is a video model; give video data (an npz of videos, or --frames with a "
+                           "folder of frame folders)")
+    C, F, H, W = data.sample_shape
+    config = latte_config(args.model, F, 8 * H, layout=args.layout, density=density, conditioning="class",
+                          num_classes=data.num_classes, depth=args.depth, input_size=(H, W), in_channels=C,
+                          class_dropout_prob=args.label_dropout, **custom)
+    return build_family_model(config)
 
 
 def open_captions(args: TrainArgs, model: FlexDiTCore, data: TrainData) -> CaptionTable | None:
