@@ -1,6 +1,7 @@
 """Shared fixtures: tiny models with random non-zero weights (zero-initialised adaLN would hide bugs), tiny
 Fashion-MNIST-format data."""
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,3 +83,48 @@ def blob_images(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         images[k, r:r + 8, col:col + 8] = 255
     images = np.clip(images.astype(int) + rng.integers(0, 30, images.shape), 0, 255).astype(np.uint8)
     return images, labels
+
+
+REAL_FASHION_MNIST = [Path(__file__).resolve().parents[2] / "shared/data/fashion-mnist",
+                      Path("/usr/share/datasets/fashion-mnist")]
+
+
+def fashion_mnist_train(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first n training images (28 x 28 uint8) and labels of the real Fashion-MNIST where this machine has it,
+    else class-dependent blobs in the same format."""
+    from flexdit.training.data import IDX_FILES, IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC, read_idx
+
+    images_name, labels_name = IDX_FILES["train"]
+    source = next((p for p in REAL_FASHION_MNIST if (p / f"{images_name}.gz").exists()), None)
+    if source is None:
+        return blob_images(n)
+    return (read_idx(source / f"{images_name}.gz", IDX_IMAGE_MAGIC)[:n],
+            read_idx(source / f"{labels_name}.gz", IDX_LABEL_MAGIC)[:n])
+
+
+class PoolCalls(list):
+    """The sparse grid of every pool_tokens call (the SDTM entries a forward makes), and `.rows` the token rows
+    each one pooled (batch x frames)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[int] = []
+
+    def clear(self) -> None:
+        super().clear()
+        self.rows.clear()
+
+
+@pytest.fixture
+def pooled_grids(monkeypatch) -> PoolCalls:
+    import flexdit.models.core as core_module
+
+    calls, real = PoolCalls(), core_module.pool_tokens
+
+    def spy(tokens, grid, sparse_grid):
+        calls.append(tuple(sparse_grid))
+        calls.rows.append(tokens.shape[0])
+        return real(tokens, grid, sparse_grid)
+
+    monkeypatch.setattr(core_module, "pool_tokens", spy)
+    return calls

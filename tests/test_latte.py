@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-import flexdit.models.core as core_module
 from conftest import randomize
 from flexdit.errors import FlexDiTError
 from flexdit.measure.flops import flops_report, model_macs
@@ -354,18 +353,6 @@ def test_temporal_blocks_see_the_tokens_their_spatial_stage_holds(conditioning):
         assert cross == [(2, FRAMES * n) for n in (64, 9, 9, 64, 64)]
 
 
-@pytest.fixture
-def pooled_grids(monkeypatch):
-    calls = []
-    real = core_module.pool_tokens
-
-    def spy(tokens, grid, sparse_grid):
-        calls.append((tokens.shape[0], tuple(sparse_grid)))
-        return real(tokens, grid, sparse_grid)
-
-    monkeypatch.setattr(core_module, "pool_tokens", spy)
-    return calls
-
 
 def test_grid_follows_the_timestep_and_groups_match_single_samples(pooled_grids):
     model = tiny_latte(FLEX, "caption", density=PAPER.to_dict())
@@ -375,7 +362,7 @@ def test_grid_follows_the_timestep_and_groups_match_single_samples(pooled_grids)
     grids = model.grids_for(t)
     assert sorted(set(grids)) == [(3, 3), (4, 4), (5, 5)]
     # one group per grid, pooled per frame: (samples in the group) * F rows
-    assert sorted(pooled_grids) == sorted((grids.count(g) * FRAMES, g) for g in set(grids))
+    assert sorted(zip(pooled_grids.rows, pooled_grids)) == sorted((grids.count(g) * FRAMES, g) for g in set(grids))
     for i in range(4):
         alone = run(model, x[i:i + 1], t[i:i + 1], **{k: v[i:i + 1] for k, v in kw.items()})
         torch.testing.assert_close(batched[i:i + 1], alone, atol=1e-5, rtol=1e-5)

@@ -11,13 +11,11 @@ from PIL import Image
 
 import flexdit
 from flexdit.cli import main
-from flexdit.training.data import IDX_FILES, IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC, read_idx
 from flexdit.training.video_data import moving_fashion_mnist, write_video_npz
-from conftest import blob_images, randomize
+from conftest import fashion_mnist_train, randomize
 from test_latte import (CLASSES, FRAMES, HEADS, SIZE, caption_batch, diffusers_forward, diffusers_latte,
                         original_forward, original_state, original_videos)
 
-REAL_DATA = [Path(__file__).resolve().parents[2] / "shared/data/fashion-mnist", Path("/usr/share/datasets/fashion-mnist")]
 
 
 @pytest.mark.parametrize("classes, wrapper", [(None, "ema"), (CLASSES, "model")])
@@ -51,14 +49,8 @@ def test_diffusers_folder_loads_and_matches(tmp_path):
 
 
 def moving_fmnist_npz(path: Path, videos: int = 96) -> Path:
-    """Real garments (Fashion-MNIST's first training images where this machine has them, else class blobs) moving
-    over 4 frames of 32 x 32."""
-    source = next((p for p in REAL_DATA if (p / f"{IDX_FILES['train'][0]}.gz").exists()), None)
-    if source is None:
-        images, labels = blob_images(videos)
-    else:
-        images = read_idx(source / f"{IDX_FILES['train'][0]}.gz", IDX_IMAGE_MAGIC)[:videos]
-        labels = read_idx(source / f"{IDX_FILES['train'][1]}.gz", IDX_LABEL_MAGIC)[:videos]
+    """Real garments (conftest.fashion_mnist_train) moving over 4 frames of 32 x 32."""
+    images, labels = fashion_mnist_train(videos)
     clips, clip_labels = moving_fashion_mnist(images, labels, videos, frames=4, size=32, seed=0)
     write_video_npz(path, clips, clip_labels)
     return path

@@ -3,7 +3,6 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import flexdit.models.core as core_module
 from conftest import inputs, randomize, tiny_config, tiny_model
 from flexdit.errors import FlexDiTError
 from flexdit.models.dit import DiT, model_config
@@ -238,19 +237,6 @@ def test_pool_mixer_is_linear_in_tokens():
 # --- density follows the timestep ----------------------------------------------------------------
 ONE_SDTM = Layout.flexdit(pool=1, sdtms=1, gen=1, sparse=1, recover=1, dense=1, top=0)  # pool_tokens once per pass
 
-
-@pytest.fixture
-def pooled_grids(monkeypatch):
-    """The sparse_grid argument of every pool_tokens call the model makes."""
-    calls = []
-    real = core_module.pool_tokens
-
-    def spy(tokens, grid, sparse_grid):
-        calls.append(tuple(sparse_grid))
-        return real(tokens, grid, sparse_grid)
-
-    monkeypatch.setattr(core_module, "pool_tokens", spy)
-    return calls
 
 
 def scheduled_model(**kw) -> DiT:

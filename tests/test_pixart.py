@@ -6,7 +6,6 @@ from dataclasses import replace
 import pytest
 import torch
 
-import flexdit.models.core as core_module
 from flexdit.errors import FlexDiTError
 from flexdit.models.from_dense import flexdit_from_dense
 from flexdit.models.layout import Layout
@@ -244,18 +243,6 @@ def test_every_block_cross_attends_to_the_caption_at_its_token_count():
     run(model, x, t, *caption_batch(3, length=5), grid=(3, 3))
     assert seen == [(64, 7), (9, 7), (9, 7), (64, 7), (64, 7)]  # pool, gen, sparse, recover, dense
 
-
-@pytest.fixture
-def pooled_grids(monkeypatch):
-    calls = []
-    real = core_module.pool_tokens
-
-    def spy(tokens, grid, sparse_grid):
-        calls.append(tuple(sparse_grid))
-        return real(tokens, grid, sparse_grid)
-
-    monkeypatch.setattr(core_module, "pool_tokens", spy)
-    return calls
 
 
 def test_grid_follows_the_timestep_and_groups_match_single_samples(pooled_grids):

@@ -12,25 +12,16 @@ from flexdit.cli import main
 from flexdit.models.layout import Layout
 from flexdit.models.pixart import PixArt, PixArtConfig
 from flexdit.text import CaptionTable
-from flexdit.training.data import IDX_FILES, IDX_IMAGE_MAGIC, IDX_LABEL_MAGIC, read_idx
-from conftest import blob_images, randomize, write_idx
+from conftest import fashion_mnist_train, randomize, write_idx
 from text_fixtures import make_tiny_text_encoder
 
-REAL_DATA = [Path(__file__).resolve().parents[2] / "shared/data/fashion-mnist", Path("/usr/share/datasets/fashion-mnist")]
 SAMPLES = 256
 
 
 def fashion_mnist_subset(folder: Path) -> Path:
-    """The first SAMPLES training images of the real Fashion-MNIST where this machine has it (else class-dependent
-    blobs in the same format), as idx files in `folder`."""
-    source = next((p for p in REAL_DATA if (p / f"{IDX_FILES['train'][0]}.gz").exists()), None)
-    if source is None:
-        images, labels = blob_images(SAMPLES)
-    else:
-        images = read_idx(source / f"{IDX_FILES['train'][0]}.gz", IDX_IMAGE_MAGIC)[:SAMPLES]
-        labels = read_idx(source / f"{IDX_FILES['train'][1]}.gz", IDX_LABEL_MAGIC)[:SAMPLES]
+    """The first SAMPLES training images of Fashion-MNIST (conftest.fashion_mnist_train) as idx files in `folder`."""
     folder.mkdir()
-    write_idx(folder, "train", images, labels)
+    write_idx(folder, "train", *fashion_mnist_train(SAMPLES))
     return folder
 
 

@@ -4,7 +4,6 @@ DiT null class; errors."""
 import pytest
 import torch
 
-import flexdit.models.core as core_module
 from flexdit.diffusers_interop import to_diffusers
 from flexdit.errors import FlexDiTError
 from flexdit.models.dit import DiT
@@ -194,18 +193,6 @@ def test_flexdit_equal_to_its_dense_model_samples_the_same_in_the_pipeline(vae):
     got, _ = run_pixart_pipeline(to_diffusers(flex.eval()), vae, "latent")
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
-
-@pytest.fixture
-def pooled_grids(monkeypatch):
-    calls = []
-    real = core_module.pool_tokens
-
-    def spy(tokens, grid, sparse_grid):
-        calls.append(tuple(sparse_grid))
-        return real(tokens, grid, sparse_grid)
-
-    monkeypatch.setattr(core_module, "pool_tokens", spy)
-    return calls
 
 
 def test_flexdit_density_follows_the_pipelines_timesteps(vae, pooled_grids):

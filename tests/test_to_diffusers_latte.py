@@ -4,7 +4,6 @@ the pipeline; errors."""
 import pytest
 import torch
 
-import flexdit.models.core as core_module
 from flexdit.diffusers_interop import to_diffusers
 from flexdit.errors import FlexDiTError
 from flexdit.models.from_dense import flexdit_from_dense
@@ -120,19 +119,6 @@ def test_pipeline_equals_diffusers_transformer(vae, scheduler):
 
 
 # --- a FlexDiT Latte in the pipeline -------------------------------------------------------------------------
-@pytest.fixture
-def pooled_grids(monkeypatch):
-    calls = []
-    real = core_module.pool_tokens
-
-    def spy(tokens, grid, sparse_grid):
-        calls.append(tuple(sparse_grid))
-        return real(tokens, grid, sparse_grid)
-
-    monkeypatch.setattr(core_module, "pool_tokens", spy)
-    return calls
-
-
 def test_flexdit_latte_runs_in_the_pipeline_at_the_scheduled_density(vae, pooled_grids):
     dense = caption_latte(Layout.dense(len(FLEX)))
     flex, _ = flexdit_from_dense(dense, FLEX, DensitySchedule(0.61, 0.86))

@@ -98,6 +98,16 @@ class FlexDiTCore(nn.Module):
         self._compiled_forward_grid = None
         self.grad_checkpointing = False  # recompute each block in backward instead of storing activations
 
+    def _xavier_init(self) -> None:
+        """The initialisation every backbone starts from (DiT's, PixArt's, Latte's): xavier-uniform linears with
+        zero biases, and the patch convolution xavier-uniform as a linear map (its bias is the backbone's choice)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+
     # --- description ------------------------------------------------------------------------------
     @property
     def is_flexdit(self) -> bool:

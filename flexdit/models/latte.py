@@ -31,8 +31,9 @@ import torch.nn as nn
 from flexdit.errors import FlexDiTError
 from flexdit.models.core import BackboneConfig, FlexDiTCore
 from flexdit.models.dit import DEFAULT_DENSITY
+from flexdit.models.keymap import state_from_pairs, state_to_pairs
 from flexdit.models.layout import Layout
-from flexdit.models.pixart import _padded
+from flexdit.models.pixart import checked_caption, pad_caption
 from flexdit.nn.blocks import FinalLayer
 from flexdit.nn.density import Grid
 from flexdit.nn.embed import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
@@ -211,12 +212,7 @@ class Latte(FlexDiTCore):
         PixArt's (randn/sqrt(D) tables, zero caption cross-attention output). Recovery merges start at W1 = 0,
         W2 = I."""
         D = self.config.hidden_size
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        self._xavier_init()
         nn.init.zeros_(self.x_embedder.proj.bias)
         small = [self.t_embedder.mlp[0], self.t_embedder.mlp[2]]
         if self.conditioning == "caption":
@@ -318,7 +314,7 @@ class Latte(FlexDiTCore):
         pairs = [(condition["caption"], condition.get("caption_mask")),
                  (condition["negative_caption"], condition.get("negative_caption_mask"))]
         L = max(c.shape[1] for c, _ in pairs)
-        captions, masks = zip(*(_padded(c, m, L) for c, m in pairs))
+        captions, masks = zip(*(pad_caption(c, m, L) for c, m in pairs))
         return {"caption": torch.cat(captions), "caption_mask": torch.cat(masks)}
 
     def dropped_condition(self, condition: dict[str, torch.Tensor], drop: torch.Tensor,
@@ -336,7 +332,7 @@ class Latte(FlexDiTCore):
         B = caption.shape[0]
         null_caption, null_mask = null[0].to(caption)[None].expand(B, -1, -1), null[1][None].expand(B, -1)
         L = max(caption.shape[1], null_caption.shape[1])
-        (caption, mask), (null_caption, null_mask) = _padded(caption, mask, L), _padded(null_caption, null_mask, L)
+        (caption, mask), (null_caption, null_mask) = pad_caption(caption, mask, L), pad_caption(null_caption, null_mask, L)
         keep = ~drop.to(caption.device)
         return {**condition, "caption": torch.where(keep[:, None, None], caption, null_caption),
                 "caption_mask": torch.where(keep[:, None], mask, null_mask)}
@@ -450,22 +446,7 @@ class Latte(FlexDiTCore):
     def _check_caption(self, B, y, caption, caption_mask) -> torch.Tensor | None:
         if y is not None:
             raise FlexDiTError("a caption Latte takes caption= (T5 embeddings), not class ids y; drop y")
-        C = self.config.caption_channels
-        if caption is None or caption.dim() != 3 or caption.shape[0] != B or caption.shape[2] != C \
-                or caption.shape[1] < 1:
-            raise FlexDiTError(f"caption of shape {None if caption is None else tuple(caption.shape)} does not fit "
-                               f"the model; expected (B={B}, L, {C}) T5 embeddings with L >= 1")
-        if caption_mask is None:
-            return None
-        if tuple(caption_mask.shape) != tuple(caption.shape[:2]):
-            raise FlexDiTError(f"caption_mask of shape {tuple(caption_mask.shape)} does not match the caption's "
-                               f"(B, L) = {tuple(caption.shape[:2])}")
-        keep = caption_mask != 0
-        empty = (~keep.any(dim=1)).nonzero().flatten().tolist()
-        if empty:
-            raise FlexDiTError(f"caption_mask masks every token of sample {empty[0]}; keep at least one token "
-                               "(T5 keeps the end-of-sequence token of an empty prompt)")
-        return None if bool(keep.all()) else keep
+        return checked_caption(caption, caption_mask, B, self.config.caption_channels)
 
 
 # --- the original Vchitect/Latte files ------------------------------------------------------------------
@@ -638,20 +619,10 @@ def _diffusers_pairs(config: LatteConfig) -> list[tuple[str, tuple[str, ...]]]:
 
 def state_from_diffusers(state: dict[str, torch.Tensor], config: LatteConfig) -> dict[str, torch.Tensor]:
     """A diffusers LatteTransformer3DModel state dict -> ours for `config` (from config_from_diffusers)."""
-    pairs = _diffusers_pairs(config)
-    expected = {k for _, theirs in pairs for k in theirs}
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise FlexDiTError(f"the diffusers Latte weights do not fit the config: missing {missing[:3]}, unexpected "
-                           f"{unexpected[:3]}; check the transformer's config.json")
-    return {ours: torch.cat([state[k] for k in theirs]) if len(theirs) > 1 else state[theirs[0]]
-            for ours, theirs in pairs}
+    return state_from_pairs(state, _diffusers_pairs(config), "diffusers Latte")
 
 
 def state_to_diffusers(state: dict[str, torch.Tensor], config: LatteConfig) -> dict[str, torch.Tensor]:
     """Our dense caption state dict -> a diffusers LatteTransformer3DModel's."""
     config_to_diffusers(config)  # validates: dense caption form
-    out = {}
-    for ours, theirs in _diffusers_pairs(config):
-        out.update((k, part.clone()) for k, part in zip(theirs, state[ours].chunk(len(theirs))))
-    return out
+    return state_to_pairs(state, _diffusers_pairs(config))

@@ -17,6 +17,7 @@ import torch.nn as nn
 from flexdit.errors import FlexDiTError
 from flexdit.models.core import BackboneConfig, FlexDiTCore
 from flexdit.models.dit import DEFAULT_DENSITY
+from flexdit.models.keymap import state_from_pairs, state_to_pairs
 from flexdit.models.layout import Layout
 from flexdit.nn.density import Grid
 from flexdit.nn.embed import PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
@@ -124,12 +125,7 @@ class PixArt(FlexDiTCore):
         caption cross-attention output and output layer (the patch conv keeps PyTorch's default bias, as there).
         Recovery merges start at W1 = 0, W2 = I."""
         D = self.config.hidden_size
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        self._xavier_init()
         small = [self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.t_block[1],
                  self.y_embedder.y_proj.fc1, self.y_embedder.y_proj.fc2]
         for embedder in (self.csize_embedder, self.ar_embedder):
@@ -206,7 +202,7 @@ class PixArt(FlexDiTCore):
         else:
             null, null_mask = self.null_caption(B).to(caption), None
         L = max(caption.shape[1], null.shape[1])
-        captions, masks = zip(*(_padded(c, m, L) for c, m in ((caption, mask), (null, null_mask))))
+        captions, masks = zip(*(pad_caption(c, m, L) for c, m in ((caption, mask), (null, null_mask))))
         doubled = {"caption": torch.cat(captions), "caption_mask": torch.cat(masks)}
         doubled.update({k: torch.cat([condition[k]] * 2) for k in ("resolution", "aspect_ratio") if k in condition})
         return doubled
@@ -223,7 +219,7 @@ class PixArt(FlexDiTCore):
         else:
             null_caption, null_mask = null[0].to(caption)[None].expand(B, -1, -1), null[1][None].expand(B, -1)
         L = max(caption.shape[1], null_caption.shape[1])
-        (caption, mask), (null_caption, null_mask) = _padded(caption, mask, L), _padded(null_caption, null_mask, L)
+        (caption, mask), (null_caption, null_mask) = pad_caption(caption, mask, L), pad_caption(null_caption, null_mask, L)
         keep = ~drop.to(caption.device)
         return {**condition, "caption": torch.where(keep[:, None, None], caption, null_caption),
                 "caption_mask": torch.where(keep[:, None], mask, null_mask)}
@@ -281,24 +277,12 @@ class PixArt(FlexDiTCore):
         if x.dim() != 4 or tuple(x.shape[1:]) != expected:
             raise FlexDiTError(f"input of shape {tuple(x.shape)} does not fit the model; expected "
                                f"(B, {expected[0]}, {expected[1]}, {expected[2]})")
-        B, C = x.shape[0], self.config.caption_channels
+        B = x.shape[0]
         if t.shape != (B,):
             raise FlexDiTError(f"t must have shape ({B},), got {tuple(t.shape)}")
-        if caption.dim() != 3 or caption.shape[0] != B or caption.shape[2] != C or caption.shape[1] < 1:
-            raise FlexDiTError(f"caption of shape {tuple(caption.shape)} does not fit the model; expected "
-                               f"(B={B}, L, {C}) T5 embeddings with L >= 1")
+        key_mask = checked_caption(caption, caption_mask, B, self.config.caption_channels)
         self._check_micro_conditions(B, resolution, aspect_ratio)
-        if caption_mask is None:
-            return None
-        if tuple(caption_mask.shape) != tuple(caption.shape[:2]):
-            raise FlexDiTError(f"caption_mask of shape {tuple(caption_mask.shape)} does not match the caption's "
-                               f"(B, L) = {tuple(caption.shape[:2])}")
-        keep = caption_mask != 0
-        empty = (~keep.any(dim=1)).nonzero().flatten().tolist()
-        if empty:
-            raise FlexDiTError(f"caption_mask masks every token of sample {empty[0]}; keep at least one token "
-                               "(T5 keeps the end-of-sequence token of an empty prompt)")
-        return None if bool(keep.all()) else keep
+        return key_mask
 
     def _check_micro_conditions(self, B: int, resolution, aspect_ratio) -> None:
         if not self.config.micro_conditions:
@@ -314,7 +298,28 @@ class PixArt(FlexDiTCore):
                                f"{tuple(resolution.shape)} and {tuple(aspect_ratio.shape)}")
 
 
-def _padded(caption: torch.Tensor, mask: torch.Tensor | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def checked_caption(caption: torch.Tensor | None, caption_mask: torch.Tensor | None, batch: int,
+                    channels: int) -> torch.Tensor | None:
+    """Raise on a caption (B, L, channels) or mask (B, L) that does not fit; return the mask as bool (B, L), None
+    when nothing is padded (every backbone that reads T5 captions checks them here)."""
+    if caption is None or caption.dim() != 3 or caption.shape[0] != batch or caption.shape[2] != channels \
+            or caption.shape[1] < 1:
+        raise FlexDiTError(f"caption of shape {None if caption is None else tuple(caption.shape)} does not fit the "
+                           f"model; expected (B={batch}, L, {channels}) T5 embeddings with L >= 1")
+    if caption_mask is None:
+        return None
+    if tuple(caption_mask.shape) != tuple(caption.shape[:2]):
+        raise FlexDiTError(f"caption_mask of shape {tuple(caption_mask.shape)} does not match the caption's "
+                           f"(B, L) = {tuple(caption.shape[:2])}")
+    keep = caption_mask != 0
+    empty = (~keep.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise FlexDiTError(f"caption_mask masks every token of sample {empty[0]}; keep at least one token "
+                           "(T5 keeps the end-of-sequence token of an empty prompt)")
+    return None if bool(keep.all()) else keep
+
+
+def pad_caption(caption: torch.Tensor, mask: torch.Tensor | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, L, C) caption and (B, L) mask (None: all tokens) -> both padded to `length` tokens, padding masked."""
     B, L, C = caption.shape
     mask = torch.ones(B, L, dtype=torch.long, device=caption.device) if mask is None else mask.long()
@@ -402,20 +407,10 @@ def _key_pairs(config: PixArtConfig) -> list[tuple[str, tuple[str, ...]]]:
 
 def state_from_diffusers(state: dict[str, torch.Tensor], config: PixArtConfig) -> dict[str, torch.Tensor]:
     """A diffusers PixArtTransformer2DModel state dict -> ours for `config` (from config_from_diffusers)."""
-    pairs = _key_pairs(config)
-    expected = {k for _, theirs in pairs for k in theirs}
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise FlexDiTError(f"the diffusers PixArt weights do not fit the config: missing {missing[:3]}, unexpected "
-                           f"{unexpected[:3]}; check the transformer's config.json")
-    return {ours: torch.cat([state[k] for k in theirs]) if len(theirs) > 1 else state[theirs[0]]
-            for ours, theirs in pairs}
+    return state_from_pairs(state, _key_pairs(config), "diffusers PixArt")
 
 
 def state_to_diffusers(state: dict[str, torch.Tensor], config: PixArtConfig) -> dict[str, torch.Tensor]:
     """Our dense state dict -> a diffusers PixArtTransformer2DModel's (the null caption has no place there)."""
     config_to_diffusers(config)  # validates: dense, MLP ratio 4
-    out = {}
-    for ours, theirs in _key_pairs(config):
-        out.update((k, part.clone()) for k, part in zip(theirs, state[ours].chunk(len(theirs))))
-    return out
+    return state_to_pairs(state, _key_pairs(config))
