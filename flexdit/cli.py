@@ -36,7 +36,7 @@ AT_LEAST_ZERO = {"warmup", "lr_warmup"}
 ALLOCATION_FAILURES = ("can't allocate memory", "out of memory", "Storage size calculation overflowed")
 MAX_COUNT = 10**8  # far beyond any sensible count, far below an integer overflow or a label list filling memory
 PATHS = {"out", "data", "init", "ckpt", "teacher", "vae", "npz", "images", "dense", "flexdit", "inception", "src",
-         "text_encoder", "captions", "captions_file",
+         "text_encoder", "captions", "captions_file", "videos",
          "dst", "samples", "reference"}  # an empty string for these is a slip, never a path
 FLAGS = {"num": "--num-samples"}  # argument names whose flag is not --name
 AUTO_DTYPE_HELP = ("auto (default): bf16 on a GPU that supports it and on a CPU that runs it natively (AVX512-BF16 or "
@@ -161,12 +161,22 @@ def cmd_extract_latents(args) -> None:
     from flexdit.training.extract import extract_latents
 
     start = time.perf_counter()
-    meta = extract_latents(args.images, args.vae, args.out, args.image_size, args.batch, args.flip, args.shard_size,
-                           args.device)
+    if args.videos is not None:
+        from flexdit.training.video_data import extract_video_latents
+
+        meta = extract_video_latents(args.videos, args.vae, args.out, args.frames, args.image_size, args.batch,
+                                     args.flip, args.shard_size, args.device)
+    elif args.image_size is None:
+        raise FlexDiTError("--images needs --image-size (the side images are centre-cropped to)")
+    elif args.frames is not None:
+        raise FlexDiTError("--frames goes with --videos; an image folder has no frames")
+    else:
+        meta = extract_latents(args.images, args.vae, args.out, args.image_size, args.batch, args.flip,
+                               args.shard_size, args.device)
     n, elapsed = meta["num_samples"], time.perf_counter() - start
     print(f"wrote {n} latents {'x'.join(map(str, meta['latent_shape']))} ({meta['num_classes']} classes"
           f"{', with mirrored images' if meta['flip'] else ''}) to {args.out} in {elapsed:.1f} s "
-          f"({n / elapsed:.1f} images/s)")
+          f"({n / elapsed:.1f} {'videos' if args.videos else 'images'}/s)")
 
 
 def cmd_extract_captions(args) -> None:
@@ -685,12 +695,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=AUTO_DTYPE_HELP)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("extract-latents", help="encode an image folder with a VAE once, for fast training")
-    p.add_argument("--images", required=True, help="image folder with one subfolder per class")
+    p = sub.add_parser("extract-latents", help="encode an image folder (or videos, frame by frame) with a VAE once, "
+                                               "for fast training")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="image folder with one subfolder per class")
+    source.add_argument("--videos", help="videos: an npz (N, F, H, W[, C]) with labels, or a folder with one "
+                                         "subfolder per class and one subfolder of frame images per video")
     p.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema)")
     p.add_argument("--out", required=True, help="output folder: latents-NNNNN.safetensors shards + meta.json")
-    p.add_argument("--image-size", type=int, required=True, help="images are centre-cropped to this side")
-    p.add_argument("--batch", type=int, default=32, help="images per VAE forward")
+    p.add_argument("--image-size", type=int, help="images (and video frames in folders) are centre-cropped to this "
+                                                  "side; required for --images")
+    p.add_argument("--frames", type=int, help="--videos: frames per video (evenly spaced; default all)")
+    p.add_argument("--batch", type=int, default=32, help="images (videos) per VAE forward")
     p.add_argument("--flip", action="store_true", help="also store the latents of the mirrored images")
     p.add_argument("--shard-size", type=int, default=10000, help="images per shard")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

@@ -106,3 +106,28 @@ def test_video_finetune_from_a_converted_latte_on_moving_fashion_mnist(tmp_path,
     assert Image.open(out).size == (4 * 34 + 2, 2 * 34 + 2)  # a strip of 4 frames per video
     gif = Image.open(tmp_path / "videos-001.gif")
     assert gif.n_frames >= 1 and gif.size == (32, 32) and gif.info.get("loop") == 0
+
+
+def test_extract_latents_of_videos_frame_by_frame(tmp_path, capsys):
+    from diffusers import AutoencoderKL
+
+    from flexdit.training.data import open_dataset
+    from flexdit.training.video_data import open_video_dataset
+
+    data = moving_fmnist_npz(tmp_path / "v.npz", videos=6)
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(8, 8), norm_num_groups=4, latent_channels=4, sample_size=32).save_pretrained(
+        tmp_path / "vae")
+    main(["extract-latents", "--videos", str(data), "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "lat"),
+          "--frames", "2", "--batch", "4", "--device", "cpu"])
+    stored = open_dataset(str(tmp_path / "lat"))
+    on_the_fly = open_video_dataset(str(data), frames=2, vae=str(tmp_path / "vae"))
+    assert stored.sample_shape == on_the_fly.sample_shape == (4, 2, 16, 16)
+    x, y = stored.batch(torch.arange(6))
+    x_fly, y_fly = on_the_fly.batch(torch.arange(6))
+    assert torch.equal(y, y_fly)
+    torch.testing.assert_close(x, x_fly, atol=2e-3, rtol=2e-3)  # float16 shards
+    with pytest.raises(SystemExit):
+        main(["extract-latents", "--images", str(tmp_path), "--vae", str(tmp_path / "vae"), "--out",
+              str(tmp_path / "o")])
+    assert "--image-size" in capsys.readouterr().err
