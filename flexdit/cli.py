@@ -352,32 +352,13 @@ def _sample_condition(args, model: FlexDiTCore, device: torch.device) -> tuple[o
     if (args.prompt is None) == (args.captions is None):
         raise FlexDiTError("a text-conditional model samples from captions: give --prompt TEXT (repeatable) with "
                            "--text-encoder T5_FOLDER, or --captions TABLE (written by flexdit extract-captions)")
-    encoder = None
-    if args.text_encoder is not None:
-        from flexdit.text import TextEncoder
+    from flexdit.text import TextEncoder, caption_condition
 
-        encoder = TextEncoder.load(args.text_encoder, device, torch.bfloat16 if model.dtype == torch.bfloat16
-                                   else torch.float32)
-    if args.prompt is not None:
-        if encoder is None:
-            raise FlexDiTError("--prompt needs --text-encoder T5_FOLDER (a local T5 encoder, e.g. the text_encoder/ "
-                               "and tokenizer/ of PixArt-alpha's pipeline folder), or use --captions TABLE")
-        prompts = args.prompt
-        embeddings, masks = encoder.encode(prompts)
-    else:
-        from flexdit.text import CaptionTable
-
-        table = CaptionTable.load(args.captions)
-        prompts, embeddings, masks = table.captions, table.embeddings, table.masks
-    ids = [i % len(prompts) for i in range(args.num or len(prompts))]
-    condition = {"caption": embeddings[ids].cpu(), "caption_mask": masks[ids].cpu()}
-    if args.cfg != 1 and (args.negative_prompt is not None or not model.can_guide):
-        if encoder is None:
-            raise FlexDiTError("guidance of this PixArt needs a negative caption (it has no learned null caption): "
-                               "give --text-encoder (T5 of the empty prompt, or --negative-prompt), or --cfg 1")
-        negative, negative_mask = encoder.encode([args.negative_prompt or ""])
-        condition.update(negative_caption=negative.cpu().expand(len(ids), -1, -1),
-                         negative_caption_mask=negative_mask.cpu().expand(len(ids), -1))
+    encoder = None if args.text_encoder is None else TextEncoder.load(
+        args.text_encoder, device, torch.bfloat16 if model.dtype == torch.bfloat16 else torch.float32)
+    needs_negative = args.cfg != 1 and (args.negative_prompt is not None or not model.can_guide)
+    condition, ids, prompts = caption_condition(encoder, args.prompt, args.captions, args.num,
+                                                (args.negative_prompt or "") if needs_negative else None)
     return condition, ids, {"prompts": np.array(prompts)}
 
 

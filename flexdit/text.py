@@ -353,3 +353,31 @@ def read_captions_file(path: str | os.PathLike) -> list[str]:
     if blank is not None:
         raise FlexDiTError(f"line {blank} of {path} is blank; write one caption per line, with no blank lines")
     return lines
+
+
+def caption_condition(encoder: TextEncoder | None, prompts: list[str] | None = None, table: str | None = None,
+                      num: int | None = None, negative: str | None = None
+                      ) -> tuple[dict[str, torch.Tensor], list[int], list[str]]:
+    """The conditioning of `num` samples (default: one per caption) cycling over `prompts` (encoded by `encoder`) or
+    over the captions of the caption table at `table`; with `negative` (a prompt, "" for the empty one) also the
+    negative caption guidance uses instead of a learned null caption. Returns the conditioning (CPU tensors: caption,
+    caption_mask and maybe negative_caption, negative_caption_mask), each sample's caption index and the captions."""
+    if prompts is not None:
+        if encoder is None:
+            raise FlexDiTError("--prompt needs --text-encoder T5_FOLDER (a local T5 encoder, e.g. the text_encoder/ "
+                               "and tokenizer/ of PixArt-alpha's pipeline folder), or use --captions TABLE")
+        embeddings, masks = encoder.encode(prompts)
+    else:
+        loaded = CaptionTable.load(table)
+        prompts, embeddings, masks = loaded.captions, loaded.embeddings, loaded.masks
+    ids = [i % len(prompts) for i in range(num or len(prompts))]
+    condition = {"caption": embeddings[ids].cpu(), "caption_mask": masks[ids].cpu()}
+    if negative is not None:
+        if encoder is None:
+            raise FlexDiTError("guidance of this model needs a negative caption (it has no learned null caption): "
+                               "give --text-encoder (T5 of the empty prompt, or --negative-prompt), or --cfg 1")
+        null, null_mask = encoder.encode([negative])
+        condition.update(negative_caption=null.cpu().expand(len(ids), -1, -1),
+                         negative_caption_mask=null_mask.cpu().expand(len(ids), -1))
+    return condition, ids, list(prompts)
+
