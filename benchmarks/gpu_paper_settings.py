@@ -60,7 +60,8 @@ def main() -> None:
         lines.append(f"| {r['model']} | {r['image_size']} | {r['density'][0]}-{r['density'][1]} | {r['batch']} | "
                      f"{'yes' if r['compile'] else 'no'} | {r['dense']['images_per_s']:.2f} | "
                      f"{r['flexdit']['images_per_s']:.2f} | {r['speedup']:.2f}x | {r['flops_ratio']:.2f}x | "
-                     f"{r['dense']['peak_memory_bytes'] / 2**20:.0f} / {r['flexdit']['peak_memory_bytes'] / 2**20:.0f} |")
+                     f"{r['dense']['peak_memory_bytes'] / 2**20:.0f} / "
+                     f"{r['flexdit']['peak_memory_bytes'] / 2**20:.0f} |")
     (out / "bench.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

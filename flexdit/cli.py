@@ -233,7 +233,8 @@ def cmd_flops(args) -> None:
         return
     print(f"{result['model']}  layout {result['layout']}  latent {_latent(config)}  "
           f"{args.sampler} {the_plan.steps} steps")
-    print(f"  GFLOPs (multiply-adds, one forward, one sample): {report.gflops:.2f}   dense: {report.dense_gflops:.2f}   "
+    print(f"  GFLOPs (multiply-adds, one forward, one sample): {report.gflops:.2f}   "
+          f"dense: {report.dense_gflops:.2f}   "
           f"ratio {report.dense_gflops / report.gflops:.2f}x   saving {100 * report.saving:.1f}%")
     if GEN in config.layout:
         _flexdit_gflops_table(report)

@@ -23,8 +23,8 @@ def build(source: Source, overrides: dict) -> tuple[State, PixArtConfig, list[st
                            "config; load the transformer folder (config.json + weights) instead")
     config = config_from_diffusers(source.config)
     if overrides.get("num_heads") not in (None, config.num_heads):
-        raise FlexDiTError(f"num_heads={overrides['num_heads']} contradicts the config.json's {config.num_heads} heads; "
-                           "drop --num-heads")
+        raise FlexDiTError(f"num_heads={overrides['num_heads']} contradicts the config.json's {config.num_heads} "
+                           "heads; drop --num-heads")
     size = overrides.get("input_size")
     if size is not None and ((size, size) if isinstance(size, int) else tuple(size)) != config.input_size:
         raise FlexDiTError(f"input_size={size} contradicts the config.json's sample_size {config.input_size[0]}; "

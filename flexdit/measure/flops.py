@@ -122,7 +122,8 @@ def grid_name(grid: Grid) -> str:
     return f"{grid[0]}x{grid[1]}"
 
 
-def flops_report(model_or_config: FlexDiTCore | BackboneConfig, timesteps: list[int], density: Density | None = None) -> FlopsReport:
+def flops_report(model_or_config: FlexDiTCore | BackboneConfig, timesteps: list[int],
+                 density: Density | None = None) -> FlopsReport:
     """Average GFLOPs over the timesteps a sampler visits, and the figure of each grid used."""
     config = model_or_config.config if isinstance(model_or_config, FlexDiTCore) else model_or_config
     if density is None:

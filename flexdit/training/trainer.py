@@ -38,8 +38,8 @@ from flexdit.io import atomic_write, check_output_folder, remove_stale_temporari
 from flexdit.models.core import FlexDiTCore
 from flexdit.models.dit import DiT, model_config
 from flexdit.models.families import PIXART_NAMES, config_from_dict
-from flexdit.models.latte import latte_config
 from flexdit.models.families import build_model as build_family_model
+from flexdit.models.latte import latte_config
 from flexdit.schedule import NUM_TIMESTEPS, DensitySchedule, TimestepIntervals, parse_density
 from flexdit.sampling import MAX_SEED
 from flexdit.text import CaptionTable
