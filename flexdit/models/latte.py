@@ -29,11 +29,11 @@ import torch
 import torch.nn as nn
 
 from flexdit.errors import FlexDiTError
+from flexdit.models.captions import checked_caption, dropped_captions, expand_null, prepare_captions, with_null
 from flexdit.models.core import BackboneConfig, FlexDiTCore
 from flexdit.models.dit import DEFAULT_DENSITY
 from flexdit.models.keymap import state_from_pairs, state_to_pairs
 from flexdit.models.layout import Layout
-from flexdit.models.pixart import checked_caption, pad_caption
 from flexdit.nn.blocks import FinalLayer
 from flexdit.nn.density import Grid
 from flexdit.nn.embed import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
@@ -177,7 +177,6 @@ class Latte(FlexDiTCore):
     spatial/temporal pair: unconditional, class-conditional (adaLN-Zero) or caption-conditional (adaLN-single and
     T5 cross-attention in the spatial blocks)."""
     FAMILY = "latte"
-    CAPTION_KEYS = ("caption", "caption_mask", "negative_caption", "negative_caption_mask")
     default_layout = staticmethod(default_layout)  # the FlexDiT layout of a pair depth, for conversions
 
     def __init__(self, config: LatteConfig):
@@ -285,22 +284,7 @@ class Latte(FlexDiTCore):
         return {"y": torch.tensor(ids, dtype=torch.long)}
 
     def _prepare_captions(self, condition) -> dict[str, torch.Tensor]:
-        if not isinstance(condition, dict) or "caption" not in condition:
-            raise FlexDiTError("a caption Latte is conditioned on captions: give {'caption': (B, L, C) T5 embeddings, "
-                               "'caption_mask': (B, L)} (flexdit sample --prompt with --text-encoder)")
-        unknown = sorted(set(condition) - set(self.CAPTION_KEYS))
-        if unknown:
-            raise FlexDiTError(f"unknown caption condition {unknown[0]!r}; known: {', '.join(self.CAPTION_KEYS)}")
-        out = {k: torch.as_tensor(v) for k, v in condition.items() if v is not None}
-        B, C = out["caption"].shape[0], self.config.caption_channels
-        for key in ("caption", "negative_caption"):
-            if key in out and (out[key].dim() != 3 or out[key].shape[0] != B or out[key].shape[2] != C):
-                raise FlexDiTError(f"{key} of shape {tuple(out[key].shape)} does not fit the model; expected "
-                                   f"(B={B}, L, {C}) T5 embeddings")
-            if f"{key}_mask" in out and tuple(out[f"{key}_mask"].shape) != tuple(out[key].shape[:2]):
-                raise FlexDiTError(f"{key}_mask of shape {tuple(out[f'{key}_mask'].shape)} does not match the "
-                                   f"{key}'s (B, L) = {tuple(out[key].shape[:2])}")
-        return out
+        return prepare_captions(condition, self.config.caption_channels, "a caption Latte")
 
     def guidance_condition(self, condition: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The conditional batch followed by its unconditional twin: the null class, or the negative caption
@@ -311,11 +295,8 @@ class Latte(FlexDiTCore):
         if self.conditioning == "none" or "negative_caption" not in condition:
             raise FlexDiTError("this Latte cannot guide: it has no null class or null caption; give a negative "
                                "caption (T5 of the empty prompt) to a caption model, or use --cfg 1")
-        pairs = [(condition["caption"], condition.get("caption_mask")),
-                 (condition["negative_caption"], condition.get("negative_caption_mask"))]
-        L = max(c.shape[1] for c, _ in pairs)
-        captions, masks = zip(*(pad_caption(c, m, L) for c, m in pairs))
-        return {"caption": torch.cat(captions), "caption_mask": torch.cat(masks)}
+        return with_null((condition["caption"], condition.get("caption_mask")),
+                         (condition["negative_caption"], condition.get("negative_caption_mask")))
 
     def dropped_condition(self, condition: dict[str, torch.Tensor], drop: torch.Tensor,
                           null: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -328,14 +309,8 @@ class Latte(FlexDiTCore):
         if null is None:
             raise FlexDiTError("caption dropout of a Latte needs a null caption (T5 of the empty prompt): Latte-1 "
                                "carries no learned one")
-        caption, mask = condition["caption"], condition.get("caption_mask")
-        B = caption.shape[0]
-        null_caption, null_mask = null[0].to(caption)[None].expand(B, -1, -1), null[1][None].expand(B, -1)
-        L = max(caption.shape[1], null_caption.shape[1])
-        (caption, mask), (null_caption, null_mask) = pad_caption(caption, mask, L), pad_caption(null_caption, null_mask, L)
-        keep = ~drop.to(caption.device)
-        return {**condition, "caption": torch.where(keep[:, None, None], caption, null_caption),
-                "caption_mask": torch.where(keep[:, None], mask, null_mask)}
+        caption = condition["caption"], condition.get("caption_mask")
+        return {**condition, **dropped_captions(caption, expand_null(null, caption[0]), drop)}
 
     def example_condition(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Conditioning keyword arguments of forward() for `batch` samples (benchmarks, memory probes); captions of

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 
 from flexdit.errors import FlexDiTError
+from flexdit.models.captions import (checked_caption, dropped_captions, expand_null, prepare_captions,
+                                     with_null)
 from flexdit.models.core import BackboneConfig, FlexDiTCore
 from flexdit.models.dit import DEFAULT_DENSITY
 from flexdit.models.keymap import state_from_pairs, state_to_pairs
@@ -96,7 +98,6 @@ class PixArt(FlexDiTCore):
     sparse blocks: adaLN-single on the timestep (+ size micro-conditions), cross-attention to T5 caption tokens."""
     FAMILY = "pixart"
     GUIDED_CHANNELS = None  # every noise channel is guided, as diffusers' pipeline and PixArt's DPM-Solver path do
-    CAPTION_KEYS = ("caption", "caption_mask", "negative_caption", "negative_caption_mask")
 
     def __init__(self, config: PixArtConfig):
         super().__init__()
@@ -170,22 +171,8 @@ class PixArt(FlexDiTCore):
         optional "negative_caption" / "negative_caption_mask" (B, L', C) / (B, L'), the unconditional input of
         guidance instead of the learned null caption (e.g. T5 of ""); the 1024-MS form's "resolution" (B, 2) and
         "aspect_ratio" (B,) default to the model's own size (latent side x 8 pixels)."""
-        if not isinstance(condition, dict) or "caption" not in condition:
-            raise FlexDiTError("a PixArt is conditioned on captions: give {'caption': (B, L, C) T5 embeddings, "
-                               "'caption_mask': (B, L)} (flexdit sample --prompt with --text-encoder)")
-        unknown = sorted(set(condition) - set(self.CAPTION_KEYS) - {"resolution", "aspect_ratio"})
-        if unknown:
-            raise FlexDiTError(f"unknown caption condition {unknown[0]!r}; known: {', '.join(self.CAPTION_KEYS)}, "
-                               "resolution, aspect_ratio")
-        out = {k: torch.as_tensor(v) for k, v in condition.items() if v is not None}
-        B, C = out["caption"].shape[0], self.config.caption_channels
-        for key in ("caption", "negative_caption"):
-            if key in out and (out[key].dim() != 3 or out[key].shape[0] != B or out[key].shape[2] != C):
-                raise FlexDiTError(f"{key} of shape {tuple(out[key].shape)} does not fit the model; expected "
-                                   f"(B={B}, L, {C}) T5 embeddings")
-            if f"{key}_mask" in out and tuple(out[f"{key}_mask"].shape) != tuple(out[key].shape[:2]):
-                raise FlexDiTError(f"{key}_mask of shape {tuple(out[f'{key}_mask'].shape)} does not match the "
-                                   f"{key}'s (B, L) = {tuple(out[key].shape[:2])}")
+        out = prepare_captions(condition, self.config.caption_channels, "a PixArt", ("resolution", "aspect_ratio"))
+        B = out["caption"].shape[0]
         if self.config.micro_conditions:
             h, w = self.config.input_size
             out.setdefault("resolution", torch.tensor([[8.0 * h, 8.0 * w]]).expand(B, 2))
@@ -195,15 +182,12 @@ class PixArt(FlexDiTCore):
     def guidance_condition(self, condition: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The conditional batch followed by its unconditional twin, for guidance: the negative caption if given,
         else the learned null caption; captions of different lengths are padded under their masks."""
-        caption, mask = condition["caption"], condition.get("caption_mask")
-        B = caption.shape[0]
+        caption = condition["caption"], condition.get("caption_mask")
         if "negative_caption" in condition:
-            null, null_mask = condition["negative_caption"], condition.get("negative_caption_mask")
+            null = condition["negative_caption"], condition.get("negative_caption_mask")
         else:
-            null, null_mask = self.null_caption(B).to(caption), None
-        L = max(caption.shape[1], null.shape[1])
-        captions, masks = zip(*(pad_caption(c, m, L) for c, m in ((caption, mask), (null, null_mask))))
-        doubled = {"caption": torch.cat(captions), "caption_mask": torch.cat(masks)}
+            null = self.null_caption(caption[0].shape[0]).to(caption[0]), None
+        doubled = with_null(caption, null)
         doubled.update({k: torch.cat([condition[k]] * 2) for k in ("resolution", "aspect_ratio") if k in condition})
         return doubled
 
@@ -212,17 +196,12 @@ class PixArt(FlexDiTCore):
         """Training's caption dropout: where drop (B,) is True the caption becomes the null caption, the learned one
         (as PixArt-alpha trains) or `null` = (embedding (L', C), mask (L',)), e.g. T5 of the empty prompt for a
         model without one; padded under the masks to a common length."""
-        caption, mask = condition["caption"], condition.get("caption_mask")
-        B = caption.shape[0]
+        caption = condition["caption"], condition.get("caption_mask")
         if null is None:
-            null_caption, null_mask = self.null_caption(B).to(caption), None
+            nulls = self.null_caption(caption[0].shape[0]).to(caption[0]), None
         else:
-            null_caption, null_mask = null[0].to(caption)[None].expand(B, -1, -1), null[1][None].expand(B, -1)
-        L = max(caption.shape[1], null_caption.shape[1])
-        (caption, mask), (null_caption, null_mask) = pad_caption(caption, mask, L), pad_caption(null_caption, null_mask, L)
-        keep = ~drop.to(caption.device)
-        return {**condition, "caption": torch.where(keep[:, None, None], caption, null_caption),
-                "caption_mask": torch.where(keep[:, None], mask, null_mask)}
+            nulls = expand_null(null, caption[0])
+        return {**condition, **dropped_captions(caption, nulls, drop)}
 
     def example_condition(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Conditioning keyword arguments of forward() for `batch` samples (benchmarks, memory probes): a random
@@ -296,36 +275,6 @@ class PixArt(FlexDiTCore):
         if tuple(resolution.shape) != (B, 2) or aspect_ratio.numel() != B:
             raise FlexDiTError(f"resolution must have shape ({B}, 2) and aspect_ratio ({B},), got "
                                f"{tuple(resolution.shape)} and {tuple(aspect_ratio.shape)}")
-
-
-def checked_caption(caption: torch.Tensor | None, caption_mask: torch.Tensor | None, batch: int,
-                    channels: int) -> torch.Tensor | None:
-    """Raise on a caption (B, L, channels) or mask (B, L) that does not fit; return the mask as bool (B, L), None
-    when nothing is padded (every backbone that reads T5 captions checks them here)."""
-    if caption is None or caption.dim() != 3 or caption.shape[0] != batch or caption.shape[2] != channels \
-            or caption.shape[1] < 1:
-        raise FlexDiTError(f"caption of shape {None if caption is None else tuple(caption.shape)} does not fit the "
-                           f"model; expected (B={batch}, L, {channels}) T5 embeddings with L >= 1")
-    if caption_mask is None:
-        return None
-    if tuple(caption_mask.shape) != tuple(caption.shape[:2]):
-        raise FlexDiTError(f"caption_mask of shape {tuple(caption_mask.shape)} does not match the caption's "
-                           f"(B, L) = {tuple(caption.shape[:2])}")
-    keep = caption_mask != 0
-    empty = (~keep.any(dim=1)).nonzero().flatten().tolist()
-    if empty:
-        raise FlexDiTError(f"caption_mask masks every token of sample {empty[0]}; keep at least one token "
-                           "(T5 keeps the end-of-sequence token of an empty prompt)")
-    return None if bool(keep.all()) else keep
-
-
-def pad_caption(caption: torch.Tensor, mask: torch.Tensor | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L, C) caption and (B, L) mask (None: all tokens) -> both padded to `length` tokens, padding masked."""
-    B, L, C = caption.shape
-    mask = torch.ones(B, L, dtype=torch.long, device=caption.device) if mask is None else mask.long()
-    if L == length:
-        return caption, mask
-    return torch.cat([caption, caption.new_zeros(B, length - L, C)], 1), torch.cat([mask, mask.new_zeros(B, length - L)], 1)
 
 
 # --- diffusers interop ------------------------------------------------------------------------------
