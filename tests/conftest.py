@@ -45,6 +45,24 @@ def _deterministic():
     torch.set_num_threads(2)
 
 
+@pytest.fixture
+def one_thread(_deterministic):
+    """Tiny models: a second thread mostly waits for a core another process holds (30x slower on 2 busy cores)."""
+    torch.set_num_threads(1)
+
+
+def assert_one_line_error(call, words: list[str]) -> None:
+    """call() raises a FlexDiTError of one line holding every one of `words`."""
+    from flexdit.errors import FlexDiTError
+
+    with torch.no_grad(), pytest.raises(FlexDiTError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, message
+
+
 def cli_fails(capsys, *argv) -> str:
     """Run the command expecting a user error: exit status 2 and one line on stderr; returns that line."""
     from flexdit.cli import main

@@ -20,6 +20,8 @@ from flexdit.vae import LATENT_SCALE
 
 from conftest import blob_images, cli_fails, write_idx
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
+
 # the tiny model of every case: 32x32 pixels in 2x2 patches, width 32, two blocks
 TINY = {"--model": "DiT-S/2", "--hidden-size": "32", "--depth": "2", "--num-heads": "2", "--steps": "2",
         "--batch": "4", "--device": "cpu", "--dtype": "fp32"}
@@ -55,10 +57,6 @@ def data(tmp_path_factory) -> Path:
     return write_fashion(tmp_path_factory.mktemp("fmnist"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: a second thread mostly waits for a core another process holds (30x slower on 2 busy cores)."""
-    torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -11,7 +11,9 @@ from flexdit.models.from_dense import flexdit_from_dense
 from flexdit.models.layout import Layout
 from flexdit.models.pixart import PixArt, PixArtConfig, config_to_diffusers, state_to_diffusers
 from flexdit.schedule import DensitySchedule, FixedGrid
-from conftest import randomize, tiny_config as tiny_dit_config
+from conftest import assert_one_line_error, randomize, tiny_config as tiny_dit_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 from test_diffusers_parity import to_diffusers_state as dit_state_to_diffusers
 
 diffusers = pytest.importorskip("diffusers")
@@ -27,13 +29,6 @@ MS = dict(input_size=(128, 128), patch_size=4, interpolation_scale=2.0, micro_co
 
 
 # --- helpers -------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors gain nothing from a second thread, and a second thread waits whenever the other core is busy.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_pixart(layout: Layout = Layout.dense(2), seed: int = 0, **kw) -> PixArt:
@@ -309,9 +304,4 @@ ERROR_CASES = [
 
 @pytest.mark.parametrize("name, call, words", ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
 def test_user_errors_name_the_problem(name, call, words):
-    with torch.no_grad(), pytest.raises(FlexDiTError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message
-    for word in words:
-        assert word in message
+    assert_one_line_error(call, words)

@@ -5,13 +5,15 @@ import pytest
 import torch
 
 from flexdit.diffusers_interop import to_diffusers
-from flexdit.errors import FlexDiTError
 from flexdit.models.from_dense import flexdit_from_dense
 from flexdit.models.latte import Latte, config_to_diffusers, state_to_diffusers
 from flexdit.models.layout import Layout
 from flexdit.schedule import DensitySchedule
+from conftest import assert_one_line_error
 from test_latte import CAPTION_CH, FLEX, FRAMES, SIZE, caption_batch, tiny_latte, videos
 from test_to_diffusers import tiny_vae
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers", reason="diffusers' LattePipeline needs transformers")
@@ -24,13 +26,6 @@ SCHEDULERS = {  # DDIM has no variance type: the pipeline keeps the noise half; 
 
 
 # --- helpers -------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors gain nothing from a second thread, and a second thread waits whenever the other core is busy.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -173,9 +168,4 @@ ERROR_CASES = [
 
 @pytest.mark.parametrize("name, call, words", ERROR_CASES, ids=[c[0] for c in ERROR_CASES])
 def test_user_errors_name_the_problem(name, call, words):
-    with torch.no_grad(), pytest.raises(FlexDiTError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message
-    for word in words:
-        assert word in message, message
+    assert_one_line_error(call, words)

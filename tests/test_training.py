@@ -23,6 +23,8 @@ from flexdit.training.trainer import TrainArgs, latest_checkpoint, train
 
 from conftest import blob_images, tiny_model, write_idx
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
+
 FLEX_LAYOUT = "1+1x1-1-1-1+1"  # 6 blocks: pool, gen, sparse, recover, dense, dense
 
 
@@ -55,10 +57,6 @@ def wrong_size(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: a second thread mostly waits for a core another process holds (30x slower on 2 busy cores)."""
-    torch.set_num_threads(1)
 
 
 def args(data, dense_ckpt, out, **kw) -> TrainArgs:
