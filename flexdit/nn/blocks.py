@@ -65,6 +65,32 @@ class DenseMerge(nn.Module):
         return upsample_tokens(self.sparse(sparse), sparse_grid, dense_grid) + self.dense(dense)
 
 
+def mixer_residual(block: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor,
+                   context: torch.Tensor | None = None, grids: tuple[Grid, Grid] | None = None) -> torch.Tensor:
+    """x + gate * mixer(modulate(norm1(x))): the token-mixing half of every block kind, with (B, D) modulation terms
+    (DiT's Block, PixArtBlock, Latte's spatial blocks). A recovery block merges first; the keys/values of a
+    cross-grid mixer (`context`) pass through the same norm1 and modulation as the queries."""
+    if block.merge is not None:
+        x = block.merge(context, x, *grids)  # (B, N, D) from sparse context (B, M, D) and dense x
+    if block.kind == POOL:
+        # The modulation is one affine map for all tokens, so it commutes with the pooling mean:
+        # normalise, average, then modulate a single token instead of N.
+        h = modulate(block.norm1(x).mean(dim=1, keepdim=True), shift, scale)  # (B, 1, C)
+    else:
+        h = modulate(block.norm1(x), shift, scale)
+    if block.kind in CROSS_KINDS:
+        mixed = block.attn(h, modulate(block.norm1(context), shift, scale))
+    else:
+        mixed = block.attn(h)
+    return x + gate.unsqueeze(1) * mixed  # a pooling mixer's (B, 1, C) broadcasts over the tokens
+
+
+def mlp_residual(block: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                 gate: torch.Tensor) -> torch.Tensor:
+    """x + gate * mlp(modulate(norm2(x))): every block's second half."""
+    return x + gate.unsqueeze(1) * block.mlp(modulate(block.norm2(x), shift, scale))
+
+
 class Block(nn.Module):
     """x + gate * mixer(modulate(norm1(x))), then x + gate * mlp(modulate(norm2(x))), conditioned on c (B, D).
 
@@ -83,27 +109,10 @@ class Block(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
         self.merge = DenseMerge(hidden_size) if kind == RECOVER else None
 
-    @property
-    def is_cross(self) -> bool:
-        return self.kind in CROSS_KINDS
-
     def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None,
                 grids: tuple[Grid, Grid] | None = None) -> torch.Tensor:
-        if self.merge is not None:
-            x = self.merge(context, x, *grids)  # (B, N, D) from sparse context (B, M, D) and dense x
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        if self.kind == POOL:
-            # The modulation is one affine map for all tokens, so it commutes with the pooling mean:
-            # normalise, average, then modulate a single token instead of N.
-            h = modulate(self.norm1(x).mean(dim=1, keepdim=True), shift_msa, scale_msa)  # (B, 1, C)
-        else:
-            h = modulate(self.norm1(x), shift_msa, scale_msa)
-        if self.is_cross:
-            mixed = self.attn(h, modulate(self.norm1(context), shift_msa, scale_msa))
-        else:
-            mixed = self.attn(h)
-        x = x + gate_msa.unsqueeze(1) * mixed  # a pooling mixer's (B, 1, C) broadcasts over the tokens
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        terms = self.adaLN_modulation(c).chunk(6, dim=1)  # shift, scale, gate of the mixer, then of the MLP
+        return mlp_residual(self, mixer_residual(self, x, *terms[:3], context, grids), *terms[3:])
 
 
 class FinalLayer(nn.Module):

@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 
 from flexdit.nn.attention import SelfAttention
-from flexdit.nn.blocks import CROSS_KINDS, POOL, Block, Mlp, modulate
+from flexdit.nn.blocks import Block, Mlp, mixer_residual, mlp_residual, modulate
 from flexdit.nn.density import Grid
-from flexdit.nn.pixart_blocks import PixArtBlock
+from flexdit.nn.pixart_blocks import PixArtBlock, table_modulation
 
 
 def sincos_pos_embed_1d(dim: int, length: int) -> torch.Tensor:
@@ -33,34 +33,6 @@ def sincos_pos_embed_1d(dim: int, length: int) -> torch.Tensor:
 def per_row(term: torch.Tensor, rows: int) -> torch.Tensor:
     """(B, D) per-sample term -> (B * rows, D): sample b's term on its folded rows b * rows .. (b + 1) * rows - 1."""
     return term.repeat_interleave(rows, dim=0)
-
-
-def table_terms(table: torch.Tensor, t0: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """adaLN-single: a block's (6, D) table plus the shared (B, 6D) timestep vector -> six (B, D) terms."""
-    return (table[None] + t0.reshape(t0.shape[0], *table.shape)).unbind(dim=1)
-
-
-def _mixer_half(block: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor,
-                context: torch.Tensor | None, grids: tuple[Grid, Grid] | None) -> torch.Tensor:
-    """x + gate * mixer(modulate(norm1(x))) for a spatial block of any kind, with its terms given per row of x:
-    the steps of DiT's Block and of PixArtBlock (recovery merge first, a pooling block modulates its one mean token,
-    cross-grid keys/values share norm1 and the modulation)."""
-    if block.merge is not None:
-        x = block.merge(context, x, *grids)  # (B*F, N, D) from sparse context (B*F, M, D) and dense x
-    if block.kind == POOL:
-        h = modulate(block.norm1(x).mean(dim=1, keepdim=True), shift, scale)  # (B*F, 1, D)
-    else:
-        h = modulate(block.norm1(x), shift, scale)
-    if block.kind in CROSS_KINDS:
-        mixed = block.attn(h, modulate(block.norm1(context), shift, scale))
-    else:
-        mixed = block.attn(h)
-    return x + gate.unsqueeze(1) * mixed  # a pooling mixer's (B*F, 1, D) broadcasts over the tokens
-
-
-def _mlp_half(block: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-              gate: torch.Tensor) -> torch.Tensor:
-    return x + gate.unsqueeze(1) * block.mlp(modulate(block.norm2(x), shift, scale))
 
 
 class TemporalBlock(nn.Module):
@@ -85,7 +57,7 @@ class TemporalBlock(nn.Module):
         """Six (B, D) modulation terms from c (B, D) or t0 (B, 6D)."""
         if self.adaLN_modulation is not None:
             return self.adaLN_modulation(cond).chunk(6, dim=1)
-        return table_terms(self.scale_shift_table, cond)
+        return table_modulation(self.scale_shift_table, cond)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """x (B*F, n, D), cond (B, .), positions (1, F, D) added first (the first pair only) -> (B*F, n, D)."""
@@ -113,8 +85,8 @@ class LattePair(Block):
         """x (B*F, n, D) (a recovery pair: the SDTM's dense input, context its sparse tokens), c (B, D)."""
         frames = x.shape[0] // c.shape[0]
         terms = [per_row(m, frames) for m in self.adaLN_modulation(c).chunk(6, dim=1)]  # six (B*F, D)
-        x = _mixer_half(self, x, *terms[:3], context, grids)
-        x = _mlp_half(self, x, *terms[3:])
+        x = mixer_residual(self, x, *terms[:3], context, grids)
+        x = mlp_residual(self, x, *terms[3:])
         return self.temporal(x, c, positions)
 
 
@@ -133,10 +105,10 @@ class LatteCaptionPair(PixArtBlock):
         """x (B*F, n, D), t0 (B, 6D), caption (B, L, D) projected tokens, caption_mask (B, L) bool or None."""
         B = t0.shape[0]
         frames = x.shape[0] // B
-        terms = [per_row(m, frames) for m in table_terms(self.scale_shift_table, t0)]  # six (B*F, D)
-        x = _mixer_half(self, x, *terms[:3], context, grids)
+        terms = [per_row(m, frames) for m in table_modulation(self.scale_shift_table, t0)]  # six (B*F, D)
+        x = mixer_residual(self, x, *terms[:3], context, grids)
         BF, n, D = x.shape
         # Every frame attends to the same caption: one (B, F*n) query batch equals F per-frame ones.
         x = x + self.cross_attn(x.reshape(B, frames * n, D), caption, caption_mask).reshape(BF, n, D)
-        x = _mlp_half(self, x, *terms[3:])
+        x = mlp_residual(self, x, *terms[3:])
         return self.temporal(x, t0, positions)

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from flexdit.nn.attention import attend
-from flexdit.nn.blocks import CROSS_KINDS, POOL, RECOVER, DenseMerge, Mlp, modulate, token_mixer
+from flexdit.nn.blocks import RECOVER, DenseMerge, Mlp, mixer_residual, mlp_residual, modulate, token_mixer
 from flexdit.nn.density import Grid
 
 
@@ -16,7 +16,7 @@ def _layer_norm(dim: int) -> nn.LayerNorm:
     return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
 
 
-def _modulation(table: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def table_modulation(table: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """adaLN-single: a block's own (k, D) table plus the shared (B, k * D) timestep vector -> k terms of (B, D)."""
     return (table[None] + t.reshape(t.shape[0], *table.shape)).unbind(dim=1)
 
@@ -61,21 +61,10 @@ class PixArtBlock(nn.Module):
     def forward(self, x: torch.Tensor, t0: torch.Tensor, caption: torch.Tensor, caption_mask: torch.Tensor | None,
                 context: torch.Tensor | None = None, grids: tuple[Grid, Grid] | None = None) -> torch.Tensor:
         """x (B, N, D), t0 (B, 6D), caption (B, L, D) -> (B, N, D)."""
-        if self.merge is not None:
-            x = self.merge(context, x, *grids)  # (B, N, D) from sparse context (B, M, D) and dense x
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = _modulation(self.scale_shift_table, t0)
-        if self.kind == POOL:
-            # The modulation is one affine map for all tokens, so it commutes with the mean (see Block).
-            h = modulate(self.norm1(x).mean(dim=1, keepdim=True), shift_msa, scale_msa)  # (B, 1, D)
-        else:
-            h = modulate(self.norm1(x), shift_msa, scale_msa)
-        if self.kind in CROSS_KINDS:
-            mixed = self.attn(h, modulate(self.norm1(context), shift_msa, scale_msa))
-        else:
-            mixed = self.attn(h)
-        x = x + gate_msa.unsqueeze(1) * mixed  # a pooling mixer's (B, 1, D) broadcasts over the tokens
-        x = x + self.cross_attn(x, caption, caption_mask)
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        terms = table_modulation(self.scale_shift_table, t0)  # shift, scale, gate of the mixer, then of the MLP
+        x = mixer_residual(self, x, *terms[:3], context, grids)
+        x = x + self.cross_attn(x, caption, caption_mask)  # no norm, no gate
+        return mlp_residual(self, x, *terms[3:])
 
 
 class T2IFinalLayer(nn.Module):
