@@ -34,6 +34,7 @@ from flexdit.models.core import BackboneConfig, FlexDiTCore
 from flexdit.models.dit import DEFAULT_DENSITY
 from flexdit.models.keymap import state_from_pairs, state_to_pairs
 from flexdit.models.layout import Layout
+from flexdit.models.pixart import DIFFUSERS_CROSS_ATTENTION, DIFFUSERS_SELF_ATTENTION, DIFFUSERS_TOP
 from flexdit.nn.blocks import FinalLayer
 from flexdit.nn.density import Grid
 from flexdit.nn.embed import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
@@ -572,17 +573,8 @@ def config_to_diffusers(config: LatteConfig) -> dict:
 
 def _diffusers_pairs(config: LatteConfig) -> list[tuple[str, tuple[str, ...]]]:
     """(our key, the diffusers keys it concatenates along dim 0) for every tensor of the dense caption model."""
-    modules = [("x_embedder.proj", ("pos_embed.proj",)),
-               ("t_embedder.mlp.0", ("adaln_single.emb.timestep_embedder.linear_1",)),
-               ("t_embedder.mlp.2", ("adaln_single.emb.timestep_embedder.linear_2",)),
-               ("t_block.1", ("adaln_single.linear",)),
-               ("y_embedder.y_proj.fc1", ("caption_projection.linear_1",)),
-               ("y_embedder.y_proj.fc2", ("caption_projection.linear_2",)),
-               ("final_layer.linear", ("proj_out",))]
-    self_attention = (("attn.qkv", ("attn1.to_q", "attn1.to_k", "attn1.to_v")), ("attn.proj", ("attn1.to_out.0",)),
-                      ("mlp.fc1", ("ff.net.0.proj",)), ("mlp.fc2", ("ff.net.2",)))
-    cross_attention = (("cross_attn.q_linear", ("attn2.to_q",)), ("cross_attn.kv_linear", ("attn2.to_k", "attn2.to_v")),
-                       ("cross_attn.proj", ("attn2.to_out.0",)))
+    modules = list(DIFFUSERS_TOP)
+    self_attention, cross_attention = DIFFUSERS_SELF_ATTENTION, DIFFUSERS_CROSS_ATTENTION
     tables = [("final_layer.scale_shift_table", ("scale_shift_table",))]
     for i in range(config.depth):
         for ours, theirs, parts in ((f"blocks.{i}.", f"transformer_blocks.{i}.", self_attention + cross_attention),

@@ -329,24 +329,33 @@ def config_to_diffusers(config: PixArtConfig) -> dict:
             "num_embeds_ada_norm": 1000}
 
 
+# (our module, the diffusers modules it concatenates along dim 0): the layers outside the blocks, and a block's
+# self-attention + MLP and caption cross-attention (diffusers' Latte-1 shares all of them)
+DIFFUSERS_TOP = (("x_embedder.proj", ("pos_embed.proj",)),
+                 ("t_embedder.mlp.0", ("adaln_single.emb.timestep_embedder.linear_1",)),
+                 ("t_embedder.mlp.2", ("adaln_single.emb.timestep_embedder.linear_2",)),
+                 ("t_block.1", ("adaln_single.linear",)),
+                 ("y_embedder.y_proj.fc1", ("caption_projection.linear_1",)),
+                 ("y_embedder.y_proj.fc2", ("caption_projection.linear_2",)),
+                 ("final_layer.linear", ("proj_out",)))
+DIFFUSERS_SELF_ATTENTION = (("attn.qkv", ("attn1.to_q", "attn1.to_k", "attn1.to_v")),
+                            ("attn.proj", ("attn1.to_out.0",)), ("mlp.fc1", ("ff.net.0.proj",)),
+                            ("mlp.fc2", ("ff.net.2",)))
+DIFFUSERS_CROSS_ATTENTION = (("cross_attn.q_linear", ("attn2.to_q",)),
+                             ("cross_attn.kv_linear", ("attn2.to_k", "attn2.to_v")),
+                             ("cross_attn.proj", ("attn2.to_out.0",)))
+
+
 def _key_pairs(config: PixArtConfig) -> list[tuple[str, tuple[str, ...]]]:
     """(our key, the diffusers keys it concatenates along dim 0) for every tensor of the dense model."""
-    modules = [("x_embedder.proj", ("pos_embed.proj",)),
-               ("t_embedder.mlp.0", ("adaln_single.emb.timestep_embedder.linear_1",)),
-               ("t_embedder.mlp.2", ("adaln_single.emb.timestep_embedder.linear_2",)),
-               ("t_block.1", ("adaln_single.linear",)),
-               ("y_embedder.y_proj.fc1", ("caption_projection.linear_1",)),
-               ("y_embedder.y_proj.fc2", ("caption_projection.linear_2",)),
-               ("final_layer.linear", ("proj_out",))]
+    modules = list(DIFFUSERS_TOP)
     if config.micro_conditions:
         for ours, theirs in (("csize_embedder", "resolution_embedder"), ("ar_embedder", "aspect_ratio_embedder")):
             modules += [(f"{ours}.mlp.{i}", (f"adaln_single.emb.{theirs}.linear_{j}",)) for i, j in ((0, 1), (2, 2))]
     for i in range(config.depth):
         ours, theirs = f"blocks.{i}.", f"transformer_blocks.{i}."
-        modules += [(ours + o, tuple(theirs + t for t in ts)) for o, ts in (
-            ("attn.qkv", ("attn1.to_q", "attn1.to_k", "attn1.to_v")), ("attn.proj", ("attn1.to_out.0",)),
-            ("cross_attn.q_linear", ("attn2.to_q",)), ("cross_attn.kv_linear", ("attn2.to_k", "attn2.to_v")),
-            ("cross_attn.proj", ("attn2.to_out.0",)), ("mlp.fc1", ("ff.net.0.proj",)), ("mlp.fc2", ("ff.net.2",)))]
+        modules += [(ours + o, tuple(theirs + t for t in ts))
+                    for o, ts in DIFFUSERS_SELF_ATTENTION + DIFFUSERS_CROSS_ATTENTION]
     pairs = [(f"{o}.{p}", tuple(f"{t}.{p}" for t in ts)) for o, ts in modules for p in ("weight", "bias")]
     tables = [("final_layer.scale_shift_table", ("scale_shift_table",))]
     tables += [(f"blocks.{i}.scale_shift_table", (f"transformer_blocks.{i}.scale_shift_table",))
