@@ -7,13 +7,16 @@
    second SDTM's dense block on top (--layout; its default keeps layer 1 dense, see below);
 2. converts it to a FlexDiT with a temporal density schedule and fine-tunes it for --finetune-fraction of
    the dense steps, every batch covering all timestep intervals; the converted model is evaluated too;
+   once per --finetune-seeds seed (the first seed's run is OUT/flexdit, the others OUT/flexdit-seedS);
 3. fine-tunes, for the same steps, a FlexDiT at one fixed grid (no temporal schedule; the paper's ablation),
    the grid whose FLOPs come closest to the scheduled model's average, so both spend about the same compute;
-4. samples --num-samples images from every model with the same sampler, steps, guidance, labels and seeds,
-   and scores them against the 10,000 test images with the project's Fashion-MNIST classifier (FID-FM,
-   class accuracy, precision, recall); measures GFLOPs and images/s side by side;
-5. writes OUT/results.json, OUT/results.md (the README's table), a plot of FID-FM against GFLOPs and one
-   PNG grid of samples per model, and copies them and the training logs to --results.
+4. at every --cfg guidance scale (default: unguided and the paper's 1.5), samples --num-samples images from
+   every model with the same sampler, steps, labels and seeds, and scores them against the 10,000 test images
+   with the project's Fashion-MNIST classifier (FID-FM, class accuracy, precision, recall); measures GFLOPs and
+   images/s side by side;
+5. writes OUT/results.json, OUT/results.md (the README's tables, one per guidance scale), a plot of FID-FM
+   against GFLOPs and one PNG grid of samples per model and scale, and copies them and the training logs to
+   --results.
 
 Every stage resumes: training from its last checkpoint, sampling from its last finished chunk, and stages
 already done are skipped, so the command can be stopped and run again at any time. What is reused must be what
@@ -99,11 +102,14 @@ class Settings:
     # process otherwise trains one interval per step, which costs this model ~10% FID-FM (gap_probes.md, section 9)
     finetune_mix_intervals: bool = True
     finetune_distill: float = 0.0  # > 0: also match the dense model's predictions, with this weight (--teacher)
+    # one temporal fine-tune per seed (its batches and noise); the fixed-grid ablation uses the first
+    finetune_seeds: list[int] = field(default_factory=lambda: [0, 1])
     # evaluation
     num_samples: int = 5000
     sampler: str = "ddim"
     steps: int = 25
-    cfg: float = 1.0  # no guidance: half the sampling cost, which bounds this experiment on 2 CPU cores
+    # every model is scored at each guidance scale: unguided (1.0), and 1.5 as the paper's protocol
+    cfg: list[float] = field(default_factory=lambda: [1.0, 1.5])
     sample_batch: int = 250
     speed_batch: int = 50
     speed_repeats: int = 3
@@ -142,12 +148,26 @@ def fingerprint(model: DiT) -> str:
     return h.hexdigest()[:12]
 
 
-def _train(s: Settings, name: str, steps: int, weights: str, start: str | None = None, **kw) -> Path:
+def describe(name: str) -> str:
+    """A run's description: its kind's, and the seed of a further fine-tune (flexdit-seed1)."""
+    kind, _, seed = name.partition("-seed")
+    return DESCRIPTIONS[kind] + (f", seed {seed}" if seed else "")
+
+
+def finetune_names(s: Settings) -> dict[str, int]:
+    """The temporal fine-tunes' run names and seeds: OUT/flexdit for the first seed, OUT/flexdit-seedS after it."""
+    return {("flexdit" if k == 0 else f"flexdit-seed{seed}"): seed for k, seed in enumerate(s.finetune_seeds)}
+
+
+def _train(s: Settings, name: str, steps: int, weights: str, start: str | None = None, seed: int | None = None,
+           **kw) -> Path:
     """Train (or resume, or reuse if finished) the run OUT/name; returns the path of its `weights` (the raw
-    ones, "model", or the EMA). `start` is the fingerprint of the weights it starts from (None: from scratch)."""
+    ones, "model", or the EMA). `start` is the fingerprint of the weights it starts from (None: from scratch);
+    `seed` the run's (default: --seed)."""
     out = Path(s.out) / name
     ema = out / "ema.safetensors"
-    args = TrainArgs(data=s.data, out=str(out), steps=steps, batch=s.batch, dtype=s.dtype, seed=s.seed,
+    args = TrainArgs(data=s.data, out=str(out), steps=steps, batch=s.batch, dtype=s.dtype,
+                     seed=s.seed if seed is None else seed,
                      device=s.device, ckpt_every=s.ckpt_every, log_every=s.log_every, resume=True, **kw)
     identity = {k: v for k, v in asdict(args).items() if k not in NOT_IDENTITY} | {"start": start}
     identity_path = out / "identity.json"
@@ -168,7 +188,7 @@ def _train(s: Settings, name: str, steps: int, weights: str, start: str | None =
     out.mkdir(parents=True, exist_ok=True)
     identity_path.write_text(json.dumps(identity, indent=2))
     if done < steps or not ema.exists():  # ema.safetensors is written when a run ends
-        tqdm.write(f"== training {name}: {steps} steps ({DESCRIPTIONS[name]})")
+        tqdm.write(f"== training {name}: {steps} steps ({describe(name)})")
         train(args)
     if weights == "ema":
         return ema
@@ -211,11 +231,11 @@ def sample_labels(num_samples: int) -> list[int]:
     return [i % len(CLASS_NAMES) for i in range(num_samples)]
 
 
-def sample_npz(s: Settings, name: str, model: DiT) -> Path:
-    """OUT/samples/NAME.npz in the ADM layout (arr_0 uint8 NHWC, arr_1 labels), sampled chunk by chunk;
-    each chunk is kept, so a stopped run resumes at the first missing one. Sample i's noise depends only on
-    (seed, i), so every model starts from the same noise and chunking changes nothing."""
-    tag = f"{fingerprint(model)}-{s.sampler}{s.steps}-cfg{s.cfg:g}-{s.run_dtype}-seed{s.seed}-n{s.num_samples}"
+def sample_npz(s: Settings, name: str, model: DiT, cfg: float) -> Path:
+    """OUT/samples/NAME.npz in the ADM layout (arr_0 uint8 NHWC, arr_1 labels), sampled chunk by chunk at guidance
+    scale `cfg`; each chunk is kept, so a stopped run resumes at the first missing one. Sample i's noise depends
+    only on (seed, i), so every model starts from the same noise and chunking changes nothing."""
+    tag = f"{fingerprint(model)}-{s.sampler}{s.steps}-cfg{cfg:g}-{s.run_dtype}-seed{s.seed}-n{s.num_samples}"
     path = Path(s.out) / "samples" / f"{name}-{tag}.npz"
     if path.exists():
         return path
@@ -228,7 +248,7 @@ def sample_npz(s: Settings, name: str, model: DiT) -> Path:
         if chunk.exists():
             continue
         end = min(start + s.sample_batch, s.num_samples)
-        x = sample(model, labels[start:end], s.sampler, s.steps, cfg_scale=s.cfg, seed=s.seed,
+        x = sample(model, labels[start:end], s.sampler, s.steps, cfg_scale=cfg, seed=s.seed,
                    sample_indices=list(range(start, end)), progress=True)
         images = decode(x)
         atomic_write(chunk, lambda tmp: np.save(tmp, images))
@@ -272,42 +292,59 @@ def build_models(s: Settings) -> tuple[dict[str, DiT], dict[str, int]]:
     converted = load(dense_weights, layout=s.layout, density=density)
     timesteps = plan(s.sampler, s.steps).timesteps
     fixed = fixed_grid_like(converted, timesteps)
-    steps = {"dense": s.dense_steps, "converted": 0, "flexdit": s.finetune_steps, "flexdit-fixed": s.finetune_steps}
+    steps = {"dense": s.dense_steps, "converted": 0}
     finetune = dict(init=str(dense_weights), start=fingerprint(models["dense"]), layout=s.layout,
                     lr=s.finetune_lr, lr_schedule=s.finetune_lr_schedule, ema=s.finetune_ema)
     if s.finetune_distill > 0:
         finetune |= dict(teacher=str(dense_weights), distill=s.finetune_distill)
-    for name in s.models:
-        if name == "converted":
-            models[name] = converted
-        elif name == "flexdit":
-            models[name] = load(_train(s, name, s.finetune_steps, s.finetune_weights, density=s.density,
-                                       mix_intervals=s.finetune_mix_intervals, **finetune))
+    names = []  # the runs to evaluate, in the order of --models
+    for kind in s.models:
+        if kind == "converted":
+            models[kind] = converted
+        elif kind == "flexdit":
+            for name, seed in finetune_names(s).items():
+                models[name] = load(_train(s, name, s.finetune_steps, s.finetune_weights, seed=seed,
+                                           density=s.density, mix_intervals=s.finetune_mix_intervals, **finetune))
+                names.append(name)
             if s.ship:
-                ship_weights(models["dense"], models[name], Path(s.ship))
-        elif name == "flexdit-fixed":
-            models[name] = load(_train(s, name, s.finetune_steps, s.finetune_weights, grid=grid_name(fixed),
-                                       **finetune))
-    return {name: models[name] for name in s.models}, {name: steps[name] for name in s.models}
+                ship_weights(models["dense"], models["flexdit"], Path(s.ship))
+            continue
+        elif kind == "flexdit-fixed":
+            models[kind] = load(_train(s, kind, s.finetune_steps, s.finetune_weights, seed=s.finetune_seeds[0],
+                                       grid=grid_name(fixed), **finetune))
+        names.append(kind)
+    return {name: models[name] for name in names}, {name: steps.get(name, s.finetune_steps) for name in names}
 
 
-def evaluate_models(s: Settings, models: dict[str, DiT], train_steps: dict[str, int], reference: Path) -> dict:
-    device, dtype = resolve_device(s.device), DTYPES[s.run_dtype]
-    for model in models.values():
-        model.to(device, dtype).eval().requires_grad_(False)
+def cfg_key(cfg: float) -> str:
+    """The name of a guidance scale's evaluation in results.json and in file names: cfg1, cfg1.5."""
+    return f"cfg{cfg:g}"
+
+
+def samples_png(name: str, cfg: float) -> str:
+    """samples_flexdit.png unguided, samples_flexdit_cfg1.5.png guided."""
+    return f"samples_{name.replace('-', '_')}" + ("" if cfg == 1 else f"_{cfg_key(cfg)}") + ".png"
+
+
+def evaluate_models(s: Settings, models: dict[str, DiT], train_steps: dict[str, int], reference: Path,
+                    cfg: float) -> dict:
+    """Every model sampled and scored at guidance scale `cfg`, and timed side by side: one table's rows."""
+    device = resolve_device(s.device)
     timesteps = plan(s.sampler, s.steps).timesteps
     rows = {}
     for name, model in models.items():
-        npz = sample_npz(s, name, model)
+        npz = sample_npz(s, name, model, cfg)
         report = flops_report(model, timesteps)
         scores = evaluate(npz, reference, features="fmnist", device=device)
         with np.load(npz) as f:
             grid = class_grid(f["arr_0"], f["arr_1"])
-        Image.fromarray(grid[..., 0]).save(Path(s.out) / f"samples_{name.replace('-', '_')}.png")
-        rows[name] = {"description": DESCRIPTIONS[name], "train_steps": train_steps[name], "gflops": report.gflops,
-                      "gflops_per_grid": report.per_grid, "steps_per_grid": report.steps_per_grid, **{k: scores[k] for k in METRICS}}
-    tqdm.write(f"== timing sampling: batch {s.speed_batch}, median of {s.speed_repeats}, models alternating")
-    seconds = time_sampling(models, sample_labels(s.speed_batch), s.sampler, s.steps, s.cfg, repeats=s.speed_repeats,
+        Image.fromarray(grid[..., 0]).save(Path(s.out) / samples_png(name, cfg))
+        rows[name] = {"description": describe(name), "train_steps": train_steps[name], "cfg": cfg,
+                      "gflops": report.gflops, "gflops_per_grid": report.per_grid,
+                      "steps_per_grid": report.steps_per_grid, **{k: scores[k] for k in METRICS}}
+    tqdm.write(f"== timing sampling at cfg {cfg:g}: batch {s.speed_batch}, median of {s.speed_repeats}, "
+               "models alternating")
+    seconds = time_sampling(models, sample_labels(s.speed_batch), s.sampler, s.steps, cfg, repeats=s.speed_repeats,
                             progress=tqdm.write)
     for name, row in rows.items():
         row["images_per_s"] = s.speed_batch / seconds[name]
@@ -326,7 +363,7 @@ def environment(device: torch.device) -> dict:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
-def markdown_table(rows: dict, real: dict | None = None) -> str:
+def markdown_table(rows: dict) -> str:
     head = ("| model | training steps | GFLOPs | FLOPs saved | images/s | speedup | FID-FM | vs dense | "
             "class accuracy | precision | recall |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 
@@ -337,25 +374,36 @@ def markdown_table(rows: dict, real: dict | None = None) -> str:
              f"{vs_dense(row, 'flops_saving', '{:.0%}')} | {row['images_per_s']:.1f} | "
              f"{vs_dense(row, 'speedup', '{:.2f}x')} | {row['fid']:.2f} | {vs_dense(row, 'fid_fm_vs_dense', '{:+.1%}')} | "
              f"{row['class_accuracy']:.1%} | {row['precision']:.3f} | {row['recall']:.3f} |" for row in rows.values()]
-    table = head + "\n".join(lines) + "\n"
-    if real is not None:
-        table += (f"\nFor scale, {real['num_images']} real training images score FID-FM {real['fid']:.2f}, class "
-                  f"accuracy {real['class_accuracy']:.1%} (the classifier was trained on them), precision "
-                  f"{real['precision']:.3f} and recall {real['recall']:.3f} against the same test images.\n")
-    return table
+    return head + "\n".join(lines) + "\n"
 
 
-def plot(rows: dict, path: Path) -> None:
+def results_markdown(evaluations: dict[str, dict], real: dict) -> str:
+    """One table per guidance scale, each under its heading, then what real images score."""
+    parts = []
+    for rows in evaluations.values():
+        cfg = next(iter(rows.values()))["cfg"]
+        parts.append(("Unguided (cfg 1)" if cfg == 1 else f"Classifier-free guidance, cfg {cfg:g}") + "\n\n"
+                     + markdown_table(rows))
+    parts.append(f"For scale, {real['num_images']} real training images score FID-FM {real['fid']:.2f}, class "
+                 f"accuracy {real['class_accuracy']:.1%} (the classifier was trained on them), precision "
+                 f"{real['precision']:.3f} and recall {real['recall']:.3f} against the same test images.\n")
+    return "\n".join(parts)
+
+
+def plot(evaluations: dict[str, dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    # a legend, not labels next to the points: models of about the same FLOPs and FID would overlap
-    for row, marker in zip(rows.values(), "osD^v<>p"):
-        ax.scatter(row["gflops"], row["fid"], s=40, marker=marker, label=row["description"])
-    ax.legend(fontsize=8)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    # a legend, not labels next to the points: models of about the same FLOPs and FID would overlap; one marker per
+    # model, one colour per guidance scale
+    for rows, colour in zip(evaluations.values(), ("tab:blue", "tab:orange", "tab:green", "tab:red")):
+        for row, marker in zip(rows.values(), "osD^v<>p"):
+            ax.scatter(row["gflops"], row["fid"], s=40, marker=marker, color=colour,
+                       label=f"{row['description']} (cfg {row['cfg']:g})")
+    ax.legend(fontsize=7)
     ax.set_yscale("log")  # a converted model's FID can be several times the others'
     ax.set_xlabel("GFLOPs per forward pass (average over the sampler's steps)")
     ax.set_ylabel("FID-FM (log scale, lower is better)")
@@ -377,6 +425,10 @@ def run(s: Settings) -> dict:
     for name in ("dense_steps", "batch", "sample_batch", "speed_batch", "speed_repeats", "steps"):
         if getattr(s, name) < 1:
             raise FlexDiTError(f"--{name.replace('_', '-')} must be at least 1")
+    if not s.cfg or any(not c >= 1 for c in s.cfg) or len(set(s.cfg)) < len(s.cfg):
+        raise FlexDiTError(f"--cfg must list distinct guidance scales of at least 1 (1: unguided), got {s.cfg}")
+    if not s.finetune_seeds or len(set(s.finetune_seeds)) < len(s.finetune_seeds):
+        raise FlexDiTError(f"--finetune-seeds must list distinct seeds, got {s.finetune_seeds}")
     if s.num_samples < MIN_SAMPLES:
         raise FlexDiTError(f"--num-samples must be at least {MIN_SAMPLES} (k-nearest-neighbour precision/recall); "
                            "thousands for meaningful FID-FM")
@@ -388,17 +440,20 @@ def run(s: Settings) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     models, train_steps = build_models(s)
+    for model in models.values():
+        model.to(resolve_device(s.device), DTYPES[s.run_dtype]).eval().requires_grad_(False)
     reference = dataset_npz(s, "test")
-    rows = evaluate_models(s, models, train_steps, reference)
+    evaluations = {cfg_key(cfg): evaluate_models(s, models, train_steps, reference, cfg) for cfg in s.cfg}
     real = real_data_scores(s, reference)
     result = {"settings": asdict(s), "finetune_steps": s.finetune_steps, "command": " ".join(sys.argv),
               "environment": environment(resolve_device(s.device)),
               "reference": f"Fashion-MNIST test set, {real['num_reference']} images",
-              "features": "flexdit/measure/weights/fmnist_classifier.safetensors", "models": rows, "real_data": real,
-              "wall_seconds": time.time() - started}
+              "features": "flexdit/measure/weights/fmnist_classifier.safetensors", "evaluations": evaluations,
+              "real_data": real, "wall_seconds": time.time() - started}
+    markdown = results_markdown(evaluations, real)
     atomic_write(out / "results.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
-    atomic_write(out / "results.md", lambda tmp: tmp.write_text(markdown_table(rows, real)))
-    plot(rows, out / "fid_vs_gflops.png")
+    atomic_write(out / "results.md", lambda tmp: tmp.write_text(markdown))
+    plot(evaluations, out / "fid_vs_gflops.png")
     if s.results:
         dest = Path(s.results) / "fashion_mnist"
         dest.mkdir(parents=True, exist_ok=True)
@@ -407,7 +462,7 @@ def run(s: Settings) -> dict:
         for name in train_steps:
             if (out / name / "log.jsonl").exists():
                 shutil.copy(out / name / "log.jsonl", dest / f"train_log_{name.replace('-', '_')}.jsonl")
-    print(markdown_table(rows, real))
+    print(markdown)
     return result
 
 
@@ -423,11 +478,19 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         if isinstance(value, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=value, help=f"(default: {value})")
         elif isinstance(value, list):
-            p.add_argument(flag, default=",".join(value), help=f"comma-separated (default: {','.join(value)})")
+            listed = ",".join(map(str, value))
+            p.add_argument(flag, default=listed, help=f"comma-separated (default: {listed})")
         else:
             p.add_argument(flag, type=type(value), default=value, help=f"(default: {value})")
     args = vars(p.parse_args(argv))
-    args["models"] = [m for m in args["models"].split(",") if m]
+    for name, value in asdict(defaults).items():
+        if isinstance(value, list):
+            items = [v.strip() for v in args[name].split(",") if v.strip()]
+            try:
+                args[name] = [type(value[0])(v) for v in items]
+            except ValueError:
+                p.error(f"--{name.replace('_', '-')} takes comma-separated {type(value[0]).__name__}s, "
+                        f"got {args[name]!r}")
     return Settings(**args)
 
 

@@ -18,8 +18,11 @@ from flexdit.training.data import open_dataset
 
 from conftest import blob_images, write_idx
 from flexdit.errors import FlexDiTError
-from experiments.fashion_mnist import (MODELS, Settings, fingerprint, fixed_grid_like, main, markdown_table,
-                                       parse_args, run, sample_labels, sample_npz, ship_weights)
+from experiments.fashion_mnist import (Settings, fingerprint, fixed_grid_like, main, markdown_table, parse_args, run,
+                                       sample_labels, sample_npz, ship_weights)
+
+RUNS = ["dense", "converted", "flexdit", "flexdit-seed1", "flexdit-fixed"]  # with the default two fine-tune seeds
+SCALES = {"cfg1": 1.0, "cfg1.5": 1.5}  # the default guidance scales
 
 # 20 samples have fewer points than the classifier has features: singular covariances are expected here
 pytestmark = pytest.mark.filterwarnings("ignore:Matrix is singular")
@@ -49,26 +52,34 @@ def finished(data, tmp_path_factory):
     return s, run(s)
 
 
-def test_every_model_is_trained_sampled_and_scored(finished):
+def test_every_model_is_trained_sampled_and_scored_at_every_scale(finished):
     s, result = finished
-    rows = result["models"]
-    assert list(rows) == list(MODELS)
-    assert [rows[m]["train_steps"] for m in MODELS] == [10, 0, 5, 5] == [10, 0, s.finetune_steps, s.finetune_steps]
-    for row in rows.values():
-        assert np.isfinite(row["fid"]) and row["fid"] >= 0
-        assert 0 <= row["class_accuracy"] <= 1 and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
-        assert row["images_per_s"] > 0
-    dense = rows["dense"]
-    assert dense["speedup"] == 1 and dense["flops_saving"] == 0
-    for name in ("converted", "flexdit", "flexdit-fixed"):
-        assert rows[name]["gflops"] < dense["gflops"]
-    assert rows["converted"]["gflops"] == rows["flexdit"]["gflops"]
-    assert len(rows["flexdit"]["gflops_per_grid"]) > 1 and len(rows["flexdit-fixed"]["gflops_per_grid"]) == 1
-    for name in ("flexdit", "flexdit-fixed"):
+    assert list(result["evaluations"]) == list(SCALES)
+    for key, rows in result["evaluations"].items():
+        assert list(rows) == RUNS and {row["cfg"] for row in rows.values()} == {SCALES[key]}
+        assert [rows[m]["train_steps"] for m in RUNS] == [10, 0, 5, 5, 5] == [10, 0, *[s.finetune_steps] * 3]
+        for row in rows.values():
+            assert np.isfinite(row["fid"]) and row["fid"] >= 0
+            assert 0 <= row["class_accuracy"] <= 1 and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
+            assert row["images_per_s"] > 0
+        dense = rows["dense"]
+        assert dense["speedup"] == 1 and dense["flops_saving"] == 0
+        for name in RUNS[1:]:
+            assert rows[name]["gflops"] < dense["gflops"]
+            assert rows[name]["fid_fm_vs_dense"] == pytest.approx(rows[name]["fid"] / dense["fid"] - 1)
+        assert rows["converted"]["gflops"] == rows["flexdit"]["gflops"] == rows["flexdit-seed1"]["gflops"]
+        assert len(rows["flexdit"]["gflops_per_grid"]) > 1 and len(rows["flexdit-fixed"]["gflops_per_grid"]) == 1
+    unguided, guided = result["evaluations"].values()
+    assert all(unguided[name]["fid"] != guided[name]["fid"] for name in RUNS)  # guidance changed every model's samples
+    for name in ("flexdit", "flexdit-seed1", "flexdit-fixed"):
         assert load(Path(s.out) / name / "ema.safetensors").layout == Layout.parse(s.layout, s.depth)
-    # the temporal fine-tune runs every interval's grid at every step (--mix-intervals); the fixed one one grid
     logs = {name: [json.loads(line) for line in (Path(s.out) / name / "log.jsonl").read_text().splitlines()]
-            for name in ("flexdit", "flexdit-fixed")}
+            for name in ("flexdit", "flexdit-seed1", "flexdit-fixed")}
+    # the two temporal fine-tunes differ by their seed only: same start, same steps, other batches and noise
+    seeds = {name: json.loads((Path(s.out) / name / "identity.json").read_text())["seed"] for name in logs}
+    assert seeds == {"flexdit": 0, "flexdit-seed1": 1, "flexdit-fixed": 0}
+    assert [r["loss"] for r in logs["flexdit"]] != [r["loss"] for r in logs["flexdit-seed1"]]
+    # the temporal fine-tune runs every interval's grid at every step (--mix-intervals); the fixed one one grid
     assert all(r["grid"].count(",") == 3 for r in logs["flexdit"])
     assert all("," not in r["grid"] for r in logs["flexdit-fixed"])
     for records in logs.values():  # the fine-tunes' cosine learning rate falls from its first step to its last
@@ -80,17 +91,21 @@ def test_outputs_are_written_and_copied(finished):
     s, result = finished
     for folder in (Path(s.out), Path(s.results) / "fashion_mnist"):
         saved = json.loads((folder / "results.json").read_text())
-        assert saved["models"].keys() == result["models"].keys()
+        assert saved["evaluations"] == json.loads(json.dumps(result["evaluations"]))
         assert saved["settings"]["seed"] == 0 and saved["settings"]["sampler"] == s.sampler
+        assert saved["settings"]["cfg"] == [1.0, 1.5] and saved["settings"]["finetune_seeds"] == [0, 1]
         table = (folder / "results.md").read_text()
-        assert table.count("\n|") == 1 + len(MODELS) and "For scale, 20 real training images score FID-FM" in table
+        assert table.count("\n|") == len(SCALES) * (2 + len(RUNS)) and "For scale, 20 real training images score FID-FM" in table
+        assert table.index("Unguided (cfg 1)") < table.index("Classifier-free guidance, cfg 1.5")
         assert saved["real_data"]["num_images"] == 20 and 0 <= saved["real_data"]["class_accuracy"] <= 1
         assert saved["reference"] == "Fashion-MNIST test set, 20 images"
         assert (folder / "fid_vs_gflops.png").stat().st_size > 1000
-        for name in MODELS:
-            assert (folder / f"samples_{name.replace('-', '_')}.png").exists()
+        for name in RUNS:
+            for suffix in ("", "_cfg1.5"):
+                assert (folder / f"samples_{name.replace('-', '_')}{suffix}.png").exists()
     logs = sorted(p.name for p in (Path(s.results) / "fashion_mnist").glob("train_log_*.jsonl"))
-    assert logs == ["train_log_dense.jsonl", "train_log_flexdit.jsonl", "train_log_flexdit_fixed.jsonl"]
+    assert logs == ["train_log_dense.jsonl", "train_log_flexdit.jsonl", "train_log_flexdit_fixed.jsonl",
+                    "train_log_flexdit_seed1.jsonl"]
     dense = load(f"{s.out}/dense/ema.safetensors")
     with np.load(Path(s.out) / "samples" / f"dense-{fingerprint(dense)}-ddim2-cfg1-fp32-seed0-n20.npz") as f:
         assert f["arr_0"].shape == (20, 32, 32, 1) and f["arr_0"].dtype == np.uint8
@@ -126,12 +141,13 @@ def test_a_second_run_resumes_instead_of_redoing(finished):
     out = Path(s.out)
     watched = [out / "dense" / "checkpoints" / "step-0000010.pt", out / "flexdit" / "ema.safetensors",
                *(out / "samples").glob("*.npz")]
-    assert len(watched) == 2 + len(MODELS)
+    assert len(watched) == 2 + len(RUNS) * len(SCALES)
     before = [p.stat().st_mtime_ns for p in watched]
     again = run(s)
     assert [p.stat().st_mtime_ns for p in watched] == before
-    for name in MODELS:
-        assert again["models"][name]["fid"] == result["models"][name]["fid"]
+    for key in SCALES:
+        for name in RUNS:
+            assert again["evaluations"][key][name]["fid"] == result["evaluations"][key][name]["fid"]
 
 
 def test_every_model_is_evaluated_by_its_ema(finished):
@@ -140,7 +156,7 @@ def test_every_model_is_evaluated_by_its_ema(finished):
     last = load(f"{s.out}/dense/checkpoints/step-0000010.pt", weights="model")
     ema = load(f"{s.out}/dense/ema.safetensors")
     assert f"dense-{fingerprint(ema)}" in sampled and f"dense-{fingerprint(last)}" not in sampled
-    for name in ("flexdit", "flexdit-fixed"):
+    for name in ("flexdit", "flexdit-seed1", "flexdit-fixed"):
         last = load(f"{s.out}/{name}/checkpoints/step-0000005.pt", weights="model")
         ema = load(f"{s.out}/{name}/ema.safetensors")
         assert f"{name}-{fingerprint(ema)}" in sampled and f"{name}-{fingerprint(last)}" not in sampled
@@ -188,10 +204,10 @@ def test_chunked_sampling_equals_one_batch(finished, tmp_path):
     s, _ = finished
     model = load(f"{s.out}/flexdit/ema.safetensors")
     chunked = tiny(s.data, tmp_path, num_samples=7, sample_batch=3)
-    with np.load(sample_npz(chunked, "flexdit", model)) as f:
+    with np.load(sample_npz(chunked, "flexdit", model, 1.5)) as f:
         images = f["arr_0"]
     labels = sample_labels(7)
-    direct = decode(sample(model, labels, s.sampler, s.steps, cfg_scale=s.cfg, seed=s.seed))
+    direct = decode(sample(model, labels, s.sampler, s.steps, cfg_scale=1.5, seed=s.seed))
     np.testing.assert_array_equal(images, direct)
 
 
@@ -209,14 +225,24 @@ def test_fixed_grid_matches_the_average_flops(finished):
 def test_table_says_n_a_without_the_dense_model(finished):
     _, result = finished
     rows = {name: {k: v for k, v in row.items() if k not in ("speedup", "flops_saving", "fid_fm_vs_dense")}
-            for name, row in result["models"].items() if name != "dense"}
+            for name, row in result["evaluations"]["cfg1"].items() if name != "dense"}
     table = markdown_table(rows)
     assert table.count("n/a") == 3 * len(rows) and "1.00x" not in table
 
 
 def test_arguments_and_errors(data, tmp_path, capsys):
     s = parse_args(["--data", str(data), "--models", "dense,flexdit", "--steps", "7"])
-    assert s.models == ["dense", "flexdit"] and s.steps == 7 and s.cfg == Settings(data="").cfg
+    assert s.models == ["dense", "flexdit"] and s.steps == 7 and s.cfg == Settings(data="").cfg == [1.0, 1.5]
+    s = parse_args(["--data", "d", "--cfg", "1, 2.5", "--finetune-seeds", "3"])
+    assert s.cfg == [1.0, 2.5] and s.finetune_seeds == [3]
+    with pytest.raises(SystemExit):
+        parse_args(["--data", "d", "--finetune-seeds", "0,one"])
+    assert "--finetune-seeds takes comma-separated ints, got '0,one'" in capsys.readouterr().err
+    for flag, value, message in (("--cfg", "0.5", "--cfg must list distinct guidance scales of at least 1"),
+                                 ("--cfg", "1.5,1.5", "--cfg must list distinct"),
+                                 ("--finetune-seeds", "1,1", "--finetune-seeds must list distinct seeds")):
+        with pytest.raises(SystemExit, match=message):
+            main(["--data", str(data), "--out", str(tmp_path), flag, value])
     assert s.finetune_mix_intervals
     assert not parse_args(["--data", "d", "--no-finetune-mix-intervals"]).finetune_mix_intervals
     with pytest.raises(SystemExit, match="unknown model 'sparse'"):
