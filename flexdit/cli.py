@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from flexdit.checkpoints import LoadedCheckpoint, load_checkpoint, retarget
+from flexdit.cpu import tune_for_cpu_inference
 from flexdit.demo import run_demo
 from flexdit.distributed import DTYPE_CHOICES, DTYPES, init_from_env, resolve_device, resolve_dtype, shutdown
 from flexdit.errors import FlexDiTError
@@ -255,7 +256,7 @@ def cmd_bench(args) -> None:
 
     with tqdm(total=units, disable=args.json, leave=False) as bar:
         result = bench(flex, timesteps, args.device, args.dtype, args.batch, args.repeats, args.warmup, args.compile,
-                       progress=progress)
+                       args.cpu_tuning, progress=progress)
     result.update(model=args.ckpt or args.model, layout=str(flex.layout), density=config.density,
                   input_size=list(config.input_size), frames=getattr(config, "frames", None), sampler=args.sampler,
                   steps=the_plan.steps)
@@ -395,6 +396,8 @@ def cmd_sample(args) -> None:
         options = _load_options(args)
         dtype = resolve_dtype(args.dtype, device)
         model = load_checkpoint(args.ckpt, **options).model.to(device, DTYPES[dtype])
+        if args.cpu_tuning:
+            tune_for_cpu_inference(model, device)
         if ctx.is_main:
             tqdm.write(f"sampling in {dtype} on {device}" + (" (--dtype auto)" if args.dtype == "auto" else ""))
         condition, labels, extra = _sample_condition(args, model, device)
@@ -515,6 +518,12 @@ class Parser(argparse.ArgumentParser):
         return parsed, extra
 
 
+def _add_cpu_tuning(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpu-tuning", action=argparse.BooleanOptionalAction, default=True,
+                   help="on the CPU: linear weights packed once for oneDNN, freed memory kept mapped (flexdit.cpu); "
+                        "--no-cpu-tuning runs PyTorch's default kernels")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="flexdit", description="FlexDiT: dynamic token density for DiTs")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -560,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--repeats", type=int, default=5, help="timed forward passes per grid (median)")
             p.add_argument("--warmup", type=int, default=2)
             p.add_argument("--compile", action="store_true", help="torch.compile each grid's forward")
+            _add_cpu_tuning(p)
 
     p = sub.add_parser("sample", help="generate images (DDPM, DDIM, DPM-Solver++), PNG grid and/or ADM npz")
     p.add_argument("--ckpt", required=True, help="any supported checkpoint")
@@ -592,6 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", help="local diffusers AutoencoderKL folder for latent models, or 'none' to keep latents")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=AUTO_DTYPE_HELP)
+    _add_cpu_tuning(p)
     _add_load_options(p, "override the checkpoint's temporal schedule")
     p.set_defaults(func=cmd_sample)
 

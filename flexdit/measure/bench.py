@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flexdit.distributed import DTYPES, resolve_device, resolve_dtype
+from flexdit.cpu import tune_for_cpu_inference
+from flexdit.distributed import DTYPES, describe_device, resolve_device, resolve_dtype
 from flexdit.errors import FlexDiTError
 from flexdit.measure.flops import FlopsReport, flops_report
 from flexdit.measure.memory import peak_forward_memory
 from flexdit.models.core import FlexDiTCore
 from flexdit.models.families import build_model
 from flexdit.sampling import sample
-
 
 
 @dataclass
@@ -111,9 +111,12 @@ def _grids(report: FlopsReport, model: FlexDiTCore) -> dict[str, tuple[int, int]
 
 
 def bench(flex: FlexDiTCore, timesteps: list[int], device: str | None = "cpu", dtype: str = "auto", batch: int = 1,
-          repeats: int = 5, warmup: int = 2, compile: bool = False, progress=lambda msg: None) -> dict:
+          repeats: int = 5, warmup: int = 2, compile: bool = False, cpu_tuning: bool = True,
+          progress=lambda msg: None) -> dict:
     """Dense vs FlexDiT of flex's size: GFLOPs, ms per forward, images/s, peak memory, speedup. dtype "auto" is
-    bf16 where the device runs it natively, else fp32 (the result's "dtype" says which)."""
+    bf16 where the device runs it natively, else fp32 (the result's "dtype" says which). cpu_tuning: on the CPU,
+    eager, both models run as `flexdit sample` runs them (flexdit.cpu; the result's "cpu_tuning" says whether it
+    applied)."""
     if batch < 1 or repeats < 1 or warmup < 0:
         raise FlexDiTError(f"--batch and --repeats must be at least 1 and --warmup at least 0, got {batch}, "
                            f"{repeats} and {warmup}")
@@ -121,11 +124,13 @@ def bench(flex: FlexDiTCore, timesteps: list[int], device: str | None = "cpu", d
     dtype = resolve_dtype(dtype, dev)
     torch_dtype = DTYPES[dtype]
     models = {"dense": build_model(flex.config.dense()), "flexdit": flex}
-    reports, cases = {}, []
+    reports, cases, tuned = {}, [], False
     for name, model in models.items():
         model.to(dev, torch_dtype).eval().requires_grad_(False)
         if compile:
             model.compile_grids()
+        elif cpu_tuning:
+            tuned = tune_for_cpu_inference(model, dev)
         reports[name] = flops_report(model, timesteps)
         cases += [(name, gname, model, grid) for gname, grid in _grids(reports[name], model).items()]
     seconds = time_cases([(model, grid) for _, _, model, grid in cases], batch, repeats, warmup, dev, torch_dtype,
@@ -141,8 +146,8 @@ def bench(flex: FlexDiTCore, timesteps: list[int], device: str | None = "cpu", d
         results[name] = ModelTiming(name, reports[name].gflops, ms, batch / (ms / 1e3), *memory, per_grid)
     d, f = results["dense"], results["flexdit"]
     return {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "dtype": dtype, "batch": batch, "repeats": repeats, "compile": compile,
+        "device": describe_device(dev),
+        "dtype": dtype, "batch": batch, "repeats": repeats, "compile": compile, "cpu_tuning": tuned,
         "dense": d.to_dict(), "flexdit": f.to_dict(),
         "speedup": d.ms / f.ms, "flops_ratio": d.gflops / f.gflops, "saving": 1 - f.gflops / d.gflops,
         "memory_ratio": d.peak_memory_bytes / max(1, f.peak_memory_bytes),
