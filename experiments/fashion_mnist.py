@@ -43,7 +43,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from flexdit.checkpoints import load
-from flexdit.distributed import DTYPES, resolve_device, resolve_dtype
+from flexdit.distributed import DTYPES, describe_device, resolve_device, resolve_dtype
 from flexdit.errors import FlexDiTError
 from flexdit.io import atomic_write
 from flexdit.measure.bench import time_sampling
@@ -358,9 +358,7 @@ def evaluate_models(s: Settings, models: dict[str, DiT], train_steps: dict[str, 
 
 
 def environment(device: torch.device) -> dict:
-    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-            f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-            "torch": torch.__version__, "python": platform.python_version()}
+    return {"device": describe_device(device), "torch": torch.__version__, "python": platform.python_version()}
 
 
 def markdown_table(rows: dict) -> str:

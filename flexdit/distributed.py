@@ -1,5 +1,6 @@
 """torchrun integration: one process per device, ranks from the environment torchrun sets."""
 import os
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -27,15 +28,30 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
 
 
+def _cpuinfo(field: str) -> str:
+    """The first value of a /proc/cpuinfo field ("" off Linux or where it is missing)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.split(":", 1)[0].strip() == field), "")
+    except OSError:
+        return ""
+
+
 def cpu_runs_bf16_natively() -> bool:
     """Whether the CPU executes bfloat16 matmuls in hardware (AVX512-BF16 or AMX). Elsewhere PyTorch emulates them,
     about 5x slower than float32 on an AVX2-only CPU, so bf16 is only a good default where this holds."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:  # not Linux: assume no native bf16
-        return False
+    flags = _cpuinfo("flags").split()
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def describe_device(device: torch.device) -> str:
+    """A device as figures should name it: the GPU's name, or the CPU's model, threads and whether it runs bf16
+    natively (CPU timings differ several-fold between CPUs)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = _cpuinfo("model name") or platform.processor() or platform.machine()
+    bf16 = "native bf16" if cpu_runs_bf16_natively() else "no native bf16"
+    return f"cpu: {model}, {torch.get_num_threads()} threads, {bf16}"
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> str:
