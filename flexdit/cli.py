@@ -155,7 +155,7 @@ def cmd_convert(args) -> None:
 def cmd_demo(args) -> None:
     """The shipped Fashion-MNIST dense DiT and FlexDiT, side by side: one PNG, GFLOPs, images/s, speedup."""
     run_demo(args.out, args.dense, args.flexdit, args.per_class, args.sampler, args.steps, args.cfg, args.seed,
-             args.repeats, args.device, args.dtype)
+             args.repeats, args.device, args.dtype, args.cpu_tuning)
 
 
 def cmd_extract_latents(args) -> None:
@@ -686,6 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1, help="timed sampling runs per model after the PNG run (median)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=AUTO_DTYPE_HELP)
+    _add_cpu_tuning(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("extract-latents", help="encode an image folder (or videos, frame by frame) with a VAE once, "

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from flexdit.checkpoints import load
+from flexdit.cpu import tune_for_cpu_inference
 from flexdit.distributed import DTYPES, resolve_device, resolve_dtype
 from flexdit.errors import FlexDiTError
 from flexdit.io import atomic_write, check_png_output
@@ -41,8 +42,9 @@ def side_by_side(left: np.ndarray, right: np.ndarray) -> np.ndarray:
 
 def run_demo(out: str, dense_path: str | None = None, flexdit_path: str | None = None, per_class: int = 2,
              sampler: str = "ddim", steps: int = 25, cfg: float = 1.0, seed: int = 0, repeats: int = 1,
-             device: str = "cpu", dtype: str = "auto", log=print) -> DemoResult:
-    """dtype "auto": bf16 where the device runs it natively, fp32 elsewhere (bf16 is emulated on AVX2-only CPUs)."""
+             device: str = "cpu", dtype: str = "auto", cpu_tuning: bool = True, log=print) -> DemoResult:
+    """dtype "auto": bf16 where the device runs it natively, fp32 elsewhere (bf16 is emulated on AVX2-only CPUs).
+    cpu_tuning: both models run as `flexdit sample` runs them on the CPU (flexdit.cpu)."""
     if per_class < 1 or repeats < 1:
         raise FlexDiTError(f"--per-class and --repeats must be at least 1, got {per_class} and {repeats}")
     check_png_output(out, "--out")
@@ -60,6 +62,8 @@ def run_demo(out: str, dense_path: str | None = None, flexdit_path: str | None =
     requested, dtype = dtype, resolve_dtype(dtype, dev)
     for model in models.values():
         model.to(dev, DTYPES[dtype]).requires_grad_(False)
+        if cpu_tuning:
+            tune_for_cpu_inference(model, dev)
     num_classes = min(m.config.num_classes for m in models.values())
     labels = [c for c in range(num_classes) for _ in range(per_class)]  # one row per class in the grid
     timesteps = plan(sampler, steps).timesteps
