@@ -35,12 +35,18 @@ class PackedLinear(nn.Linear):
 
     def _packed_weight(self) -> torch.Tensor:
         w = self.weight
-        key = (w.data_ptr(), w.dtype, w._version)
+        # an inference tensor keeps no version counter: a weight made under inference_mode is taken as fixed
+        key = (w.data_ptr(), w.dtype, 0 if w.is_inference() else w._version)
         cached = self.__dict__.get("_packed")  # not a buffer: `.to()` and state_dict must not see it
         if cached is None or cached[0] != key:
             cached = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), None))
             self.__dict__["_packed"] = cached
         return cached[1]
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state.pop("_packed", None)  # oneDNN's opaque tensor cannot be copied or pickled; it is rebuilt on use
+        return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight

@@ -1,5 +1,7 @@
 """CPU inference tuning (flexdit.cpu): packed linears compute what nn.Linear computes, follow weight changes, and
 step aside for autograd; bench and sample apply it on the CPU. How a CPU is named beside its figures."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -49,6 +51,9 @@ def test_packed_model_matches_and_keeps_its_state(one_thread):
         torch.testing.assert_close(model(x, t, y), expected, rtol=1e-4, atol=1e-4)  # the project's parity tolerance
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    copied = copy.deepcopy(model)
+    with torch.inference_mode():
+        torch.testing.assert_close(copied(x, t, y), expected, rtol=1e-4, atol=1e-4)
 
 
 @needs_onednn
