@@ -306,3 +306,21 @@ def test_noise_prediction_wrong_labels(finished, capsys, tmp_path):
         xt = GaussianDiffusion().q_sample(x0, t, noise)
         wrong = (model(xt, t, (y + shift) % 10)[:, :1] - noise).square().mean().item()
     assert torch.isclose(torch.tensor(table["m:wrong"]), torch.tensor(wrong / table["m"] - 1), rtol=1e-4)
+
+
+@pytest.mark.parametrize("env, says", [({"DATA": "/nonexistent"}, "no Fashion-MNIST in /nonexistent"),
+                                       ({"DEVICE": "cuda", "PYTHON": "NOGPU"}, "no CUDA GPU visible")])
+def test_gpu_script_refuses_in_one_line(tmp_path, data, env, says):
+    import os
+    import subprocess
+    import sys
+
+    if env.get("PYTHON") == "NOGPU":
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is visible")
+        env = {**env, "PYTHON": sys.executable, "DATA": str(data)}
+    done = subprocess.run(["bash", "scripts/gpu_fidelity.sh"], capture_output=True, text=True,
+                          env={**os.environ, "OUT": str(tmp_path), **env}, cwd=Path(__file__).parents[1])
+    assert done.returncode == 2
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 1 and says in lines[0] and "Traceback" not in lines[0]
