@@ -440,10 +440,11 @@ def run(s: Settings) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     models, train_steps = build_models(s)
+    device = resolve_device(s.device)
     for model in models.values():
-        model.to(resolve_device(s.device), DTYPES[s.run_dtype]).eval().requires_grad_(False)
+        model.to(device, DTYPES[s.run_dtype]).eval().requires_grad_(False)
         if s.cpu_tuning:
-            tune_for_cpu_inference(model, resolve_device(s.device))
+            tune_for_cpu_inference(model, device)
     reference = dataset_npz(s, "test")
     evaluations = {cfg_key(cfg): evaluate_models(s, models, train_steps, reference, cfg) for cfg in s.cfg}
     real = real_data_scores(s, reference)
