@@ -145,9 +145,11 @@ def test_a_second_run_resumes_instead_of_redoing(finished):
     before = [p.stat().st_mtime_ns for p in watched]
     again = run(s)
     assert [p.stat().st_mtime_ns for p in watched] == before
+    # the scores are recomputed from the same sample files; the BLAS may round the last bits differently per call
     for key in SCALES:
         for name in RUNS:
-            assert again["evaluations"][key][name]["fid"] == result["evaluations"][key][name]["fid"]
+            assert again["evaluations"][key][name]["fid"] == pytest.approx(result["evaluations"][key][name]["fid"],
+                                                                          rel=1e-6)
 
 
 def test_every_model_is_evaluated_by_its_ema(finished):
