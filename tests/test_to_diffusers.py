@@ -9,19 +9,16 @@ from flexdit.errors import FlexDiTError
 from flexdit.models.dit import DiT
 from flexdit.models.from_dense import flexdit_from_dense
 from flexdit.models.layout import Layout
-from flexdit.models.pixart import PixArt, PixArtConfig, config_to_diffusers, state_to_diffusers
+from flexdit.models.pixart import PixArt, config_to_diffusers, state_to_diffusers
 from flexdit.schedule import DensitySchedule, FixedGrid
 from conftest import assert_one_line_error, randomize, tiny_config as tiny_dit_config
+from test_pixart import CAPTION_CH, FLEX, HIDDEN, NO_POOL, tiny_pixart as tiny_pixart_16
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 from test_diffusers_parity import to_diffusers_state as dit_state_to_diffusers
 
 diffusers = pytest.importorskip("diffusers")
 
-HEADS, HEAD_DIM, CAPTION_CH = 4, 12, 24
-HIDDEN = HEADS * HEAD_DIM  # 48: divisible by 3 (micro-conditions) and 4 (positions)
-FLEX = Layout.flexdit(pool=1, sdtms=1, gen=1, sparse=1, recover=1, dense=0, top=1)  # pool,gen,sparse,recover,dense
-NO_POOL = Layout(("gen", "sparse", "recover", "dense"))
 # The pipeline's forms: its 256-px path (sample_size 32, decoded to images) and its 1024-MS path (sample_size 128:
 # it passes resolution and aspect ratio; latents only, patch 4 keeps the token count small).
 PLAIN = dict(input_size=(32, 32), patch_size=2, interpolation_scale=0.5)
@@ -32,10 +29,8 @@ MS = dict(input_size=(128, 128), patch_size=4, interpolation_scale=2.0, micro_co
 
 
 def tiny_pixart(layout: Layout = Layout.dense(2), seed: int = 0, **kw) -> PixArt:
-    config = dict(PLAIN, hidden_size=HIDDEN, num_heads=HEADS, caption_channels=CAPTION_CH, caption_length=6,
-                  layout=layout.kinds)
-    config.update(kw)
-    return randomize(PixArt(PixArtConfig(**config)), seed).eval()
+    """test_pixart's tiny PixArt in the pipeline's 256-px form unless `kw` says otherwise."""
+    return tiny_pixart_16(layout, seed, **{**PLAIN, **kw})
 
 
 def diffusers_pixart(ours: PixArt) -> torch.nn.Module:
