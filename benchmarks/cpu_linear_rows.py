@@ -29,10 +29,9 @@ def packed_weights(in_features: int, out_features: int, count: int, dtype: torch
         (torch.randn(out_features, in_features, generator=g) * 0.02).to(dtype), None) for _ in range(count)]
 
 
-def gmacs(rows: int, shape: tuple[int, int], packed: list[torch.Tensor], dtype: torch.dtype, cycle: bool,
-          calls: int) -> float:
+def gmacs(rows: int, packed: list[torch.Tensor], dtype: torch.dtype, cycle: bool, calls: int) -> float:
     """Median GMAC/s of `calls` products of (1, rows, in) by the packed weights, the first one or each in turn."""
-    in_features, out_features = shape
+    out_features, in_features = packed[0].shape  # a packed weight keeps its (out, in) shape
     x = torch.randn(1, rows, in_features).to(dtype)
     bias = torch.zeros(out_features, dtype=dtype)
     times = []
@@ -67,8 +66,8 @@ def main() -> None:
         packed = packed_weights(in_features, out_features, count, dtype)
         cells = []
         for r in rows:
-            memory = gmacs(r, (in_features, out_features), packed, dtype, True, args.calls)
-            cache = gmacs(r, (in_features, out_features), packed, dtype, False, args.calls)
+            memory = gmacs(r, packed, dtype, True, args.calls)
+            cache = gmacs(r, packed, dtype, False, args.calls)
             cells.append(f"| {memory:5.0f} / {cache:5.0f} {memory / cache:4.0%} ")
             table.append({"in": in_features, "out": out_features, "rows": r, "memory_gmacs": memory,
                           "cache_gmacs": cache})

@@ -63,8 +63,8 @@ class PackedLinear(nn.Linear):
                 or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
             y = F.linear(x, w, self.bias)
             return y if self.gelu is None else F.gelu(y, approximate=self.gelu)
-        post_op = ("none", "") if self.gelu is None else ("gelu", self.gelu)
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, post_op[0], [], post_op[1])
+        post_op, algorithm = ("none", "") if self.gelu is None else ("gelu", self.gelu)
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, post_op, [], algorithm)
 
 
 def pack_linears(model: nn.Module) -> int:
